@@ -1,0 +1,21 @@
+"""A tiny helper so every config field carries its documentation.
+
+`--help` reads `metadata["help"]`, so a field without documentation is a bug
+(tests check that every field has some).
+"""
+from dataclasses import field as _dc_field
+from typing import Any
+
+
+def doc(default: Any, help: str, *, factory: bool = False, deprecated: str = ""):
+    """A dataclass field with a default and a help text.
+
+    factory=True makes a fresh copy of a mutable default (lists) for every instance.
+    deprecated="..." marks a field kept only so that reference commands still parse.
+    """
+    metadata = {"help": help}
+    if deprecated:
+        metadata["deprecated"] = deprecated
+    if factory:
+        return _dc_field(default_factory=lambda: list(default), metadata=metadata)
+    return _dc_field(default=default, metadata=metadata)

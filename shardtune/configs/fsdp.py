@@ -1,0 +1,48 @@
+"""fsdp_config: how the model is sharded, its numerics under FSDP and how checkpoints are written.
+
+The enums below carry the reference's (torch FSDP1) names so that ``--fsdp_config.sharding_strategy
+HYBRID_SHARD`` and ``--fsdp_config.checkpoint_type FULL_STATE_DICT`` (or the reference's
+``StateDictType.FULL_STATE_DICT``) work from the command line. They are our own enums so that reading a
+config never imports FSDP.
+"""
+from dataclasses import dataclass
+from enum import Enum
+
+from shardtune.configs._field import doc
+
+
+class ShardingStrategy(Enum):
+    FULL_SHARD = "FULL_SHARD"          # params, grads and optimizer state sharded (ZeRO-3)
+    SHARD_GRAD_OP = "SHARD_GRAD_OP"    # params kept gathered between forward and backward (ZeRO-2-like)
+    NO_SHARD = "NO_SHARD"              # replicate everything (DDP-like)
+    HYBRID_SHARD = "HYBRID_SHARD"      # shard inside a group, replicate across groups (HSDP)
+
+
+class StateDictType(Enum):
+    SHARDED_STATE_DICT = "SHARDED_STATE_DICT"  # torch.distributed.checkpoint, one file per rank, resumable
+    FULL_STATE_DICT = "FULL_STATE_DICT"        # gathered on rank 0, written as a Hugging Face folder
+
+
+@dataclass
+class fsdp_config:
+    mixed_precision: bool = doc(True, "Use mixed precision under FSDP (bf16 compute, fp32 master weights and fp32 "
+                                      "gradient reduction) when the device supports bf16.")
+    use_fp16: bool = doc(False, "fp16 compute with a sharded gradient scaler instead of bf16.")
+    sharding_strategy: ShardingStrategy = doc(ShardingStrategy.FULL_SHARD,
+                                              "FULL_SHARD | SHARD_GRAD_OP | NO_SHARD | HYBRID_SHARD.")
+    hsdp: bool = doc(False, "Build an explicit 2-D (replicate x shard) device mesh for HYBRID_SHARD from "
+                            "sharding_group_size and replica_group_size.")
+    sharding_group_size: int = doc(0, "HSDP: ranks that shard one model replica.")
+    replica_group_size: int = doc(0, "HSDP: number of replicas; sharding_group_size x replica_group_size must equal "
+                                     "the world size.")
+    checkpoint_type: StateDictType = doc(StateDictType.SHARDED_STATE_DICT,
+                                         "SHARDED_STATE_DICT (torch.distributed.checkpoint, resumable) or "
+                                         "FULL_STATE_DICT (a Hugging Face folder gathered on rank 0).")
+    fsdp_activation_checkpointing: bool = doc(True, "Recompute each decoder layer's activations in backward "
+                                                    "(non-reentrant), applied once.")
+    fsdp_cpu_offload: bool = doc(False, "Keep sharded parameters, gradients and optimizer state in host memory "
+                                        "(GPU runs only).")
+    pure_bf16: bool = doc(False, "bf16 parameters, gradients and optimizer state (no fp32 master weights).")
+    optimizer: str = doc("AdamW", "'AdamW' (torch, fused where supported) or 'anyprecision' (AnyPrecisionAdamW with "
+                                  "bf16 moments; use with pure_bf16).")
+    use_kahan_summation: bool = doc(False, "anyprecision only: Kahan-compensated bf16 weight updates.")

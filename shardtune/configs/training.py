@@ -1,0 +1,99 @@
+"""train_config: the run itself (model, data, optimisation, outputs).
+
+Field names and defaults follow llama-recipes' ``train_config`` so that existing commands work.
+Where we differ, the field's help says so and why.
+"""
+from dataclasses import dataclass
+from typing import Optional
+
+from shardtune.configs._field import doc
+from shardtune.configs.paths import BUNDLED_MODEL_DIR
+
+
+@dataclass
+class train_config:
+    # ---- model -------------------------------------------------------------------------------
+    model_name: str = doc(str(BUNDLED_MODEL_DIR),
+                          "Hugging Face hub id or local directory of a causal LM. Default: the tiny Llama that "
+                          "ships inside the package (the reference's default was the placeholder 'PATH/to/Model').")
+    tokenizer_name: Optional[str] = doc(None, "Tokenizer hub id or directory; defaults to model_name.")
+    use_fast_kernels: bool = doc(False, "Pick the fastest attention available (flash-attn 2 if installed, else PyTorch "
+                                        "SDPA with its flash/cuDNN backends) and log which one was chosen.")
+    quantization: Optional[str] = doc(None, "'4bit' or '8bit' bitsandbytes quantization of the base model (needs the "
+                                             "optional bitsandbytes package and a CUDA GPU).")
+    # ---- distributed -------------------------------------------------------------------------
+    enable_fsdp: bool = doc(False, "Shard the model with FSDP (run under torchrun).")
+    low_cpu_fsdp: bool = doc(False, "With FSDP: only rank 0 reads the weights; the other ranks build the model on "
+                                    "the meta device and receive the weights by broadcast.")
+    freeze_layers: bool = doc(False, "Freeze the first num_freeze_layers decoder layers (full fine-tuning).")
+    num_freeze_layers: int = doc(1, "How many decoder layers freeze_layers freezes, counted from the input.")
+    freeze_LLM_only: bool = doc(False, "Vision models only (mllama): freeze the language model except its "
+                                       "cross-attention layers.")
+    # ---- data --------------------------------------------------------------------------------
+    dataset: str = doc("alpaca_dataset", "Data set name: alpaca_dataset, grammar_dataset, samsum_dataset, "
+                                         "custom_dataset or chat_dataset. Default alpaca_dataset on the bundled "
+                                         "sample (the reference defaults to samsum_dataset, which needs a download).")
+    batching_strategy: str = doc("packing", "'packing' (documents concatenated into context_length blocks, "
+                                            "attention masked per document) or 'padding' (length-grouped, padded "
+                                            "batches).")
+    context_length: int = doc(4096, "Packing block length; with padding, samples are truncated to it.")
+    batch_size_training: int = doc(4, "Micro-batch size per process.")
+    val_batch_size: int = doc(1, "Evaluation batch size per process.")
+    num_workers_dataloader: int = doc(1, "DataLoader worker processes (0 loads in the main process).")
+    # ---- optimisation ------------------------------------------------------------------------
+    num_epochs: int = doc(3, "Passes over the training data.")
+    max_train_step: int = doc(0, "Stop after this many optimizer steps in total (0: no limit). The reference "
+                                 "counted micro-batches and dropped a half-accumulated step.")
+    max_eval_step: int = doc(0, "Evaluate on at most this many batches per evaluation (0: all).")
+    gradient_accumulation_steps: int = doc(1, "Micro-batches per optimizer step. The loss is token-weighted over "
+                                              "the whole step, so bs=2 x 4 equals bs=8 x 1.")
+    gradient_clipping: bool = doc(False, "Clip the global gradient norm.")
+    gradient_clipping_threshold: float = doc(1.0, "Max global gradient norm when gradient_clipping is on.")
+    lr: float = doc(1e-4, "AdamW learning rate.")
+    weight_decay: float = doc(0.0, "AdamW decoupled weight decay.")
+    gamma: float = doc(0.85, "StepLR: the learning rate is multiplied by gamma after every epoch.")
+    seed: int = doc(42, "Seed for model init, data order and dropout.")
+    # ---- precision ---------------------------------------------------------------------------
+    precision: str = doc("auto", "Numerics: auto | fp32 | bf16_mixed | fp16_mixed | bf16_pure. 'auto' picks "
+                                 "bf16_mixed (fp32 master weights, bf16 compute) on GPUs with bf16 and fp32 on CPU; "
+                                 "use_fp16 and fsdp_config.pure_bf16 select fp16_mixed / bf16_pure as in the "
+                                 "reference.")
+    use_fp16: bool = doc(False, "fp16 mixed precision with a gradient scaler (same as precision=fp16_mixed).")
+    mixed_precision: bool = doc(True, "Allow mixed precision under precision=auto; False keeps fp32. (Dead in the "
+                                      "reference; here it has the same meaning as fsdp_config.mixed_precision and "
+                                      "both must be True.)")
+    # ---- PEFT --------------------------------------------------------------------------------
+    use_peft: bool = doc(False, "Train a PEFT adapter instead of all weights.")
+    peft_method: str = doc("lora", "lora | llama_adapter | prefix.")
+    from_peft_checkpoint: str = doc("", "Adapter folder to continue training from (needs use_peft).")
+    # ---- evaluation, outputs and checkpoints -------------------------------------------------
+    run_validation: bool = doc(True, "Evaluate after every epoch; the best eval loss decides which checkpoint is "
+                                     "'best'.")
+    output_dir: str = doc("output", "Where adapters, full models, metrics and the resolved config are written "
+                                    "(the reference's default was the placeholder 'PATH/to/save/PEFT/model').")
+    save_model: bool = doc(True, "Save the trained adapter / model.")
+    save_optimizer: bool = doc(False, "Also save optimizer state with FSDP checkpoints (resume checkpoints always "
+                                      "include it).")
+    dist_checkpoint_root_folder: str = doc("", "Root folder of FSDP checkpoints; default '<output_dir>/checkpoints' "
+                                               "(the reference's default was a placeholder path).")
+    dist_checkpoint_folder: str = doc("fine-tuned", "Sub-folder name of FSDP checkpoints. The model name is never "
+                                                    "pasted into it.")
+    save_every_n_steps: int = doc(0, "Also save a resumable checkpoint every N optimizer steps (0: per epoch only).")
+    keep_last_n_checkpoints: int = doc(2, "Keep the newest N step checkpoints (the best-eval one is always kept).")
+    resume_from: str = doc("", "Checkpoint folder to resume from, or 'auto' for the newest complete one in the "
+                               "output folder.")
+    save_metrics: bool = doc(False, "Append per-step and per-epoch metrics to <output_dir>/metrics.jsonl.")
+    # ---- observability -----------------------------------------------------------------------
+    log_every_n_steps: int = doc(1, "Print one metrics line every N optimizer steps (rank 0).")
+    peak_tflops: float = doc(0.0, "Accelerator dense bf16 peak in TFLOP/s for MFU (0: look it up from the device "
+                                  "name).")
+    flop_counter: bool = doc(False, "Count the FLOPs of one training step with torch.utils.flop_counter.")
+    flop_counter_start: int = doc(3, "Warm-up steps before the FLOP-counted step.")
+    use_profiler: bool = doc(False, "Profile with torch.profiler and write TensorBoard traces.")
+    profiler_dir: str = doc("", "Where profiler traces go; default '<output_dir>/profiler' (the reference's default "
+                                "was a placeholder path).")
+    use_wandb: bool = doc(False, "Log to Weights & Biases (optional extra: pip install 'shardtune[tracking]').")
+    use_tensorboard: bool = doc(False, "Write TensorBoard event files under <output_dir>/tensorboard (optional "
+                                       "extra: pip install 'shardtune[tracking]').")
+    one_gpu: bool = doc(False, "Ignored.", deprecated="dead field in the reference; a single process without "
+                                                      "--enable_fsdp already uses one GPU")

@@ -1,0 +1,1 @@
+"""Batching: samplers, packing and collators (see loader.build_dataloader)."""

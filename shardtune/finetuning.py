@@ -1,0 +1,217 @@
+"""``main``: configs -> model, data, optimizer -> the training loop -> saved outputs.
+
+Read top to bottom; each numbered block is one stage. All checks that can fail on user input run
+before the model's weights are loaded.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from shardtune.utils import distributed
+from shardtune.utils.config_utils import (ConfigError, RunConfigs, dump_resolved, format_help, parse_cli,
+                                          resolve_precision, save_resolved)
+from shardtune.utils.logging import log, warn
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy as np
+
+        np.random.seed(seed)
+    except ImportError:
+        pass
+
+
+def build_optimizer(model: torch.nn.Module, run: RunConfigs, device: torch.device):
+    """AdamW (fused on CUDA) with no weight decay on biases and norm weights (1-D tensors), or the
+    reference's AnyPrecisionAdamW."""
+    t, f = run.train, run.fsdp
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [g for g in groups if g["params"]]
+    if f.optimizer.lower() == "anyprecision":
+        from shardtune.policies.anyprecision_optimizer import AnyPrecisionAdamW
+
+        return AnyPrecisionAdamW(groups, lr=t.lr, momentum_dtype=torch.bfloat16, variance_dtype=torch.bfloat16,
+                                 use_kahan_summation=f.use_kahan_summation)
+    return torch.optim.AdamW(groups, lr=t.lr, fused=device.type == "cuda")
+
+
+def autocast_for(precision: str, device: torch.device, sharded: bool):
+    """Autocast for mixed precision without FSDP; FSDP casts parameters itself (MixedPrecisionPolicy)."""
+    if sharded or precision not in ("bf16_mixed", "fp16_mixed"):
+        return contextlib.nullcontext
+    dtype = torch.bfloat16 if precision == "bf16_mixed" else torch.float16
+    return lambda: torch.autocast(device.type, dtype=dtype)
+
+
+def main(**kwargs) -> dict:
+    # 1. Configs: parse and validate everything before any expensive work.
+    run = parse_cli(kwargs)
+    t = run.train
+    if distributed.env_world_size() > 1 and not t.enable_fsdp:
+        raise ConfigError(f"launched with {distributed.env_world_size()} processes but without --enable_fsdp: "
+                          "add --enable_fsdp to shard the model (or run one process)")
+    if t.quantization and not torch.cuda.is_available():
+        raise ConfigError("--quantization needs a CUDA GPU (bitsandbytes); drop --quantization to train on CPU")
+    if t.quantization:
+        import importlib.util
+
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise ConfigError("--quantization needs bitsandbytes: pip install 'shardtune[quant]'")
+
+    from shardtune.utils.model_utils import ModelSource, load_model_config, load_tokenizer
+
+    model_config = load_model_config(ModelSource.parse(t.model_name))  # cheap: config.json only
+    if t.use_peft:
+        from shardtune.utils.peft_utils import check_peft_supported
+
+        check_peft_supported(run, model_config.model_type)
+
+    # 2. Processes, device, seeds, precision.
+    dist_info = distributed.setup(t.enable_fsdp)
+    device = dist_info.device
+    seed_everything(t.seed)
+    precision = resolve_precision(run, device)
+    if precision in ("bf16_mixed", "bf16_pure", "fp16_mixed") and device.type == "cpu" and t.precision == "auto":
+        pass  # only reachable through explicit use_fp16/pure_bf16 on CPU; allowed, slow
+    output_dir = Path(t.output_dir)
+    if distributed.is_main():
+        output_dir.mkdir(parents=True, exist_ok=True)
+        save_resolved(run, output_dir / "run_config.yaml")
+    if run.demo_preset:
+        from shardtune.configs.presets import DEMO_PRESET
+
+        log("--> no --model_name: embedded demo with the bundled tiny Llama and Alpaca sample; preset "
+            + ", ".join(f"{k.split('.')[-1]}={v}" for k, v in DEMO_PRESET.items()) + " (flags override)")
+    log(f"--> resolved config (also in {output_dir / 'run_config.yaml'}):\n{dump_resolved(run)}")
+    log(f"--> device {device} x {dist_info.world_size} process(es), precision {precision}")
+
+    # 3. Tokenizer and data (file errors surface here, before the weights are read).
+    tokenizer = load_tokenizer(t.tokenizer_name or t.model_name,
+                               "--tokenizer_name" if t.tokenizer_name else "--model_name")
+    from shardtune.data.loader import build_dataloader
+    from shardtune.datasets import get_custom_data_collator, get_preprocessed_dataset
+
+    train_samples = get_preprocessed_dataset(tokenizer, run.dataset, "train", t)
+    eval_samples = get_preprocessed_dataset(tokenizer, run.dataset, "val", t) if t.run_validation else None
+    collate = get_custom_data_collator(tokenizer, run.dataset)
+    train_loader = build_dataloader(train_samples, tokenizer, t, train=True, rank=dist_info.rank,
+                                    world_size=dist_info.world_size, collate_fn=collate)
+    eval_loader = (build_dataloader(eval_samples, tokenizer, t, train=False, rank=dist_info.rank,
+                                    world_size=dist_info.world_size, collate_fn=collate)
+                   if eval_samples is not None else None)
+    log(f"--> {t.dataset}: {len(train_samples)} train samples -> {len(train_loader)} batches per rank"
+        + (f"; {len(eval_samples)} eval samples" if eval_samples is not None else ""))
+    if len(train_loader) == 0:
+        raise ConfigError(f"--batch_size_training {t.batch_size_training}: the training set gives no batch per rank")
+
+    # 4. Model: load, adapt (PEFT / freezing), wrap for the loss, then shard or move to the device.
+    from shardtune.utils.loss import CausalLMWithLoss
+    from shardtune.utils.model_utils import freeze_first_layers, load_model, maybe_resize_embeddings
+
+    bnb_config = run.quantization.create_bnb_config(t.quantization) if t.quantization else None
+    meta = t.low_cpu_fsdp and not dist_info.is_main
+    lm = load_model(t.model_name, precision, device, use_fast_kernels=t.use_fast_kernels, bnb_config=bnb_config,
+                    meta=meta)
+    export_dtype = getattr(model_config, "dtype", None) or torch.float32
+    if isinstance(export_dtype, str):
+        export_dtype = getattr(torch, export_dtype)
+    if not meta:
+        maybe_resize_embeddings(lm, tokenizer)
+    if t.freeze_layers and not t.use_peft:
+        freeze_first_layers(lm, t.num_freeze_layers)
+    if t.use_peft:
+        from shardtune.utils.peft_utils import apply_peft
+
+        lm = apply_peft(lm, run)
+    model = CausalLMWithLoss(lm)
+    total = sum(p.numel() for p in model.parameters())
+    log(f"--> model {t.model_name}: {total / 1e6:.2f}M parameters, "
+        f"{sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.2f}M trainable")
+
+    if t.enable_fsdp and dist_info.distributed:
+        from shardtune.utils.fsdp_utils import set_gradient_sync, shard_model
+
+        model = shard_model(model, run, dist_info, precision)
+        sync_fn = set_gradient_sync
+    else:
+        if t.enable_fsdp:
+            log("--> --enable_fsdp with a single process: training without sharding")
+        if bnb_config is None:
+            model.to(device)
+        sync_fn = lambda m, sync: None  # noqa: E731
+
+    # 5. Optimizer, schedule, precision helpers.
+    optimizer = build_optimizer(model, run, device)
+    lr_scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=t.gamma)
+    scaler = torch.amp.GradScaler(device.type) if precision == "fp16_mixed" else None
+
+    # 6. Train.
+    from shardtune.model_checkpointing.export import export_pretrained
+    from shardtune.utils.metrics import MetricsWriter
+    from shardtune.utils.train_utils import TrainContext, train
+
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    metrics_path = output_dir / f"metrics_{stamp}.jsonl" if t.save_metrics and distributed.is_main() else None
+    metrics = MetricsWriter(metrics_path)
+
+    def save_checkpoint(state, reason: str) -> None:
+        if reason == "step":
+            return  # resumable step checkpoints: see model_checkpointing (FSDP issue)
+        if reason in ("best", "epoch") and (reason == "best" or not t.run_validation):
+            if distributed.is_main():
+                out = export_pretrained(lm, tokenizer, output_dir / "model",
+                                        dtype=None if t.use_peft else export_dtype)
+                log(f"--> saved {'adapter' if t.use_peft else 'model'} to {out}")
+            distributed.barrier()
+
+    ctx = TrainContext(run=run, device=device, autocast=autocast_for(precision, device, t.enable_fsdp and
+                                                                     dist_info.distributed),
+                       scaler=scaler, metrics=metrics, set_gradient_sync=sync_fn, save_checkpoint=save_checkpoint)
+    try:
+        summary = train(model, train_loader, eval_loader, optimizer, lr_scheduler, ctx)
+    finally:
+        metrics.close()
+    if metrics_path is not None:
+        summary["metrics_file"] = str(metrics_path)
+    if distributed.is_main():
+        (output_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        log("--> summary: " + ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
+                                        for k, v in summary.items()))
+    distributed.cleanup()
+    return summary
+
+
+def _run_without_result(**kwargs) -> None:
+    main(**kwargs)  # fire would print a returned dict
+
+
+def cli(argv=None) -> int:
+    """Console entry: ``--help`` prints every config field; a ConfigError prints one line and exits 2."""
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a in ("-h", "--help", "-help") for a in argv):
+        print(format_help())
+        return 0
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import fire
+
+    try:
+        fire.Fire(_run_without_result, command=argv, name="finetuning.py")
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,104 @@
+"""Process-group setup and the one place that knows which rank owns what.
+
+Rank 0 owns everything that is printed, logged or written to shared files; helpers here make that
+explicit (``is_main()``) instead of scattering ``if rank == 0`` tests.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1 or (dist.is_available() and dist.is_initialized())
+
+
+_INFO = DistInfo()
+
+
+def launched_by_torchrun() -> bool:
+    return "WORLD_SIZE" in os.environ and "RANK" in os.environ
+
+
+def env_world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def pick_device(local_rank: int) -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def setup(enable_fsdp: bool) -> DistInfo:
+    """Initialise the process group when running under torchrun with --enable_fsdp.
+
+    The backend follows the device: NCCL on GPUs, gloo on CPU. The timeout is short by default
+    (SHARDTUNE_PG_TIMEOUT_S, 600 s) so that a rank that dies cannot hang the others for 30 minutes.
+    """
+    global _INFO
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = pick_device(local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if enable_fsdp and launched_by_torchrun():
+        if not dist.is_initialized():
+            timeout = datetime.timedelta(seconds=float(os.environ.get("SHARDTUNE_PG_TIMEOUT_S", "600")))
+            backend = "nccl" if device.type == "cuda" else "gloo"
+            dist.init_process_group(backend, timeout=timeout,
+                                    device_id=device if device.type == "cuda" else None)
+        _INFO = DistInfo(dist.get_rank(), local_rank, dist.get_world_size(), device)
+    else:
+        _INFO = DistInfo(0, 0, 1, device)
+    return _INFO
+
+
+def info() -> DistInfo:
+    return _INFO
+
+
+def is_main() -> bool:
+    return _INFO.is_main
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum a tensor over ranks (in place, returned for chaining). A no-op on one process."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def broadcast_object(obj):
+    """Rank 0's Python object, on every rank."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+    return obj
+
+
+def cleanup() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

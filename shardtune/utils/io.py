@@ -1,0 +1,59 @@
+"""Atomic file and folder writes: a reader sees the old version or the complete new one, never half.
+
+Everything we write (configs, checkpoints, exported models) goes through a temporary name in the same
+folder and is then renamed into place; ``os.replace`` of a file and ``os.rename`` of a fresh folder
+are atomic on POSIX file systems.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Iterator, Union
+
+PathLike = Union[str, Path]
+TMP_MARKER = ".tmp-"
+
+
+def atomic_write_text(path: PathLike, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{TMP_MARKER}{uuid.uuid4().hex[:8]}-{path.name}")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def atomic_directory(final: PathLike) -> Iterator[Path]:
+    """Yield a temporary sibling folder; on success it replaces ``final`` (an older ``final`` is removed
+    only after the new one is complete). On error the temporary folder is deleted and ``final`` is kept."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f"{TMP_MARKER}{uuid.uuid4().hex[:8]}-{final.name}")
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    replace_directory(tmp, final)
+
+
+def replace_directory(src: Path, final: Path) -> None:
+    """Move a complete folder ``src`` to ``final``, replacing an existing ``final`` safely."""
+    old = None
+    if final.exists():
+        old = final.with_name(f"{TMP_MARKER}old-{uuid.uuid4().hex[:8]}-{final.name}")
+        os.rename(final, old)
+    os.rename(src, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def is_temporary(path: PathLike) -> bool:
+    return Path(path).name.startswith(TMP_MARKER)

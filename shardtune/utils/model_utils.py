@@ -1,0 +1,166 @@
+"""Loading a causal LM and its tokenizer from a local folder, a .gguf file or a hub id.
+
+Model code stays Hugging Face's; nothing here knows about sharding (that lives in ``policies/`` and
+``utils/fsdp_utils.py``).
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from shardtune.utils.config_utils import ConfigError
+from shardtune.utils.logging import log, warn
+
+# Dtype the *stored* weights get for each precision mode. Mixed modes keep fp32 master weights and
+# compute in bf16/fp16 (autocast or FSDP's MixedPrecisionPolicy); bf16_pure stores bf16 as the
+# reference's pure_bf16 does.
+MASTER_DTYPE = {"fp32": torch.float32, "bf16_mixed": torch.float32, "fp16_mixed": torch.float32,
+                "bf16_pure": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where from_pretrained reads: a folder or hub id, plus an optional GGUF file name in it."""
+
+    path: str
+    gguf_file: Optional[str] = None
+
+    @classmethod
+    def parse(cls, name: str, flag: str = "--model_name") -> "ModelSource":
+        p = Path(os.path.expanduser(name))
+        if p.suffix == ".gguf":
+            if not p.is_file():
+                raise ConfigError(f"{flag}: GGUF file not found: {name}")
+            return cls(str(p.parent), p.name)
+        if p.exists():
+            if not p.is_dir():
+                raise ConfigError(f"{flag}: {name} is a file; give a model folder, a .gguf file or a hub id")
+            return cls(str(p))
+        looks_like_path = name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep + os.sep in name
+        if looks_like_path:
+            raise ConfigError(f"{flag}: folder not found: {name} (give a local model folder or a hub id like "
+                              f"'meta-llama/Llama-3.2-1B')")
+        return cls(name)  # a hub id
+
+    def kwargs(self) -> dict:
+        return {"gguf_file": self.gguf_file} if self.gguf_file else {}
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def load_model_config(src: ModelSource, flag: str = "--model_name"):
+    """Read the model's config (cheap) and check it is a causal LM, before any weights are loaded."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    try:
+        config = AutoConfig.from_pretrained(src.path, **src.kwargs())
+    except Exception as exc:  # noqa: BLE001 - hub/network/format errors become one line
+        raise ConfigError(f"{flag}: cannot load a model config from {src.path!r}: {_one_line(exc)}") from None
+    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise ConfigError(f"{flag}: model type {config.model_type!r} is not a causal language model "
+                          f"(AutoModelForCausalLM cannot load it)")
+    return config
+
+
+def load_tokenizer(name: str, flag: str = "--tokenizer_name"):
+    """The tokenizer, with a pad token: eos is used only when the tokenizer has none."""
+    from transformers import AutoTokenizer
+
+    src = ModelSource.parse(name, flag)
+    try:
+        tok = AutoTokenizer.from_pretrained(src.path, **src.kwargs())
+    except Exception as exc:  # noqa: BLE001
+        raise ConfigError(f"{flag}: cannot load a tokenizer from {name!r}: {_one_line(exc)}") from None
+    if tok.pad_token_id is None:  # None, not falsy: pad id 0 is a valid pad token
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "right"
+    return tok
+
+
+def pick_attention(use_fast_kernels: bool, device: torch.device) -> Optional[str]:
+    """Attention implementation for from_pretrained; logs the choice when fast kernels were asked for."""
+    if not use_fast_kernels:
+        return None  # transformers' default (SDPA for most models)
+    if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
+        log("--> attention: flash_attention_2 (flash-attn package)")
+        return "flash_attention_2"
+    if device.type == "cuda":
+        log("--> attention: sdpa (PyTorch flash / cuDNN / memory-efficient backends, chosen per call); "
+            "pip install 'shardtune[fast]' adds flash-attn where it has wheels")
+    else:
+        log("--> attention: sdpa (CPU: no fused attention kernels exist here)")
+    return "sdpa"
+
+
+def load_model(name: str, precision: str, device: torch.device, *, use_fast_kernels: bool = False,
+               bnb_config=None, meta: bool = False):
+    """A causal LM with master weights in the dtype ``precision`` asks for.
+
+    meta=True builds the architecture on the meta device without reading weights (low_cpu_fsdp ranks
+    other than 0 receive the weights later by broadcast).
+    """
+    from transformers import AutoModelForCausalLM
+
+    src = ModelSource.parse(name)
+    config = load_model_config(src)
+    dtype = MASTER_DTYPE[precision]
+    attn = pick_attention(use_fast_kernels, device)
+    if meta:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn)
+    else:
+        kwargs = dict(dtype=dtype, attn_implementation=attn, **src.kwargs())
+        if bnb_config is not None:
+            kwargs["quantization_config"] = bnb_config
+            kwargs["device_map"] = {"": device}
+        model = AutoModelForCausalLM.from_pretrained(src.path, **kwargs)
+    model.config.use_cache = False  # no KV cache in training
+    return model
+
+
+def maybe_resize_embeddings(model, tokenizer) -> None:
+    rows = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > rows:
+        warn(f"tokenizer has {len(tokenizer)} tokens but the embedding has {rows} rows; resizing the embedding")
+        model.resize_token_embeddings(len(tokenizer))
+
+
+def count_parameters(model) -> tuple[int, int]:
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return total, trainable
+
+
+def decoder_layers(model) -> list:
+    """The model's repeated decoder blocks, found from the model itself (not hard-coded to Llama).
+
+    Uses the model's ``_no_split_modules`` class names (what accelerate uses to place whole blocks)
+    and falls back to the largest ``nn.ModuleList``.
+    """
+    names = set()
+    for m in model.modules():
+        names.update(getattr(m, "_no_split_modules", None) or [])
+    layers = [m for m in model.modules() if type(m).__name__ in names]
+    if layers:
+        return layers
+    lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList)]
+    return list(max(lists, key=len)) if lists else []
+
+
+def freeze_first_layers(model, n: int) -> None:
+    layers = decoder_layers(model)
+    if n > len(layers):
+        raise ConfigError(f"--num_freeze_layers: {n} exceeds the model's {len(layers)} decoder layers")
+    for layer in layers[:n]:
+        for p in layer.parameters():
+            p.requires_grad_(False)
+    log(f"--> froze the first {n} of {len(layers)} decoder layers")

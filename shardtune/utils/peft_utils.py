@@ -1,0 +1,74 @@
+"""PEFT adapters: our config dataclasses -> ``peft`` configs, and wrapping the model."""
+from __future__ import annotations
+
+from dataclasses import asdict
+
+from shardtune.utils.config_utils import ConfigError, RunConfigs
+from shardtune.utils.logging import log, warn
+from shardtune.utils.model_utils import decoder_layers
+
+
+def build_peft_config(run: RunConfigs, model):
+    """The ``peft`` config for train_config.peft_method."""
+    from peft import AdaptionPromptConfig, LoraConfig, PrefixTuningConfig
+
+    method = run.train.peft_method
+    values = asdict(run.peft)
+    if method == "lora":
+        targets = values["target_modules"]
+        if targets == ["all-linear"]:
+            values["target_modules"] = "all-linear"
+        else:
+            names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+            missing = [t for t in targets if t not in names]
+            if missing:
+                linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                                 if type(m).__name__ == "Linear" and "lm_head" not in n})
+                raise ConfigError(f"--lora_config.target_modules: {', '.join(missing)} not in this model; its linear "
+                                  f"layers are: {', '.join(linear)} (or 'all-linear')")
+        return LoraConfig(**values)
+    if method == "llama_adapter":
+        n_layers = len(decoder_layers(model))
+        if values["adapter_layers"] > n_layers:
+            warn(f"--llama_adapter_config.adapter_layers {values['adapter_layers']} exceeds the model's {n_layers} "
+                 f"layers; using {n_layers}")
+            values["adapter_layers"] = n_layers
+        return AdaptionPromptConfig(**values)
+    if method == "prefix":
+        return PrefixTuningConfig(**values)
+    raise ConfigError(f"--peft_method: unknown method {method!r}")
+
+
+def check_peft_supported(run: RunConfigs, model_type: str) -> None:
+    """Refuse combinations peft cannot do, before loading weights."""
+    if run.train.use_peft and run.train.peft_method == "llama_adapter" and model_type not in _adaption_prompt_types():
+        raise ConfigError(f"--peft_method llama_adapter: peft supports it for {', '.join(_adaption_prompt_types())} "
+                          f"models, not {model_type!r}; use --peft_method lora")
+
+
+def _adaption_prompt_types():
+    from peft.tuners.adaption_prompt.config import TRANSFORMERS_MODEL_CONFIG
+
+    return sorted(TRANSFORMERS_MODEL_CONFIG)
+
+
+def apply_peft(model, run: RunConfigs):
+    """Wrap ``model`` in a PeftModel: fresh adapters, or those of --from_peft_checkpoint."""
+    from peft import PeftModel, get_peft_model
+
+    t = run.train
+    if t.from_peft_checkpoint:
+        try:
+            model = PeftModel.from_pretrained(model, t.from_peft_checkpoint, is_trainable=True)
+        except Exception as exc:  # noqa: BLE001
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise ConfigError(f"--from_peft_checkpoint: cannot load an adapter from {t.from_peft_checkpoint!r}: "
+                              f"{first}") from None
+        log(f"--> continuing from adapter {t.from_peft_checkpoint}")
+    else:
+        model = get_peft_model(model, build_peft_config(run, model))
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    log(f"--> PEFT {t.peft_method}: {trainable:,} trainable of {total:,} parameters "
+        f"({100 * trainable / max(total, 1):.3f}%)")
+    return model

@@ -1,0 +1,241 @@
+"""The training loop, in one place: token counting, loss scaling, accumulation, clipping, the optimizer
+step, logging, evaluation and checkpoints are all visible here.
+
+Loss convention: every optimizer step minimises the mean cross-entropy over *all* supervised tokens of
+that step (every micro-batch, every rank). Each micro-batch's summed loss is divided by the step's
+global token count before backward, so ``batch_size_training=2, gradient_accumulation_steps=4`` gives
+the same loss and gradients as ``8 x 1``, and 2 ranks with batch b equal 1 rank with batch 2b.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, ContextManager, Iterator, List, Optional
+
+import torch
+from tqdm import tqdm
+
+from shardtune.utils import distributed
+from shardtune.utils.config_utils import RunConfigs
+from shardtune.utils.logging import log
+from shardtune.utils.loss import count_supervised_tokens
+from shardtune.utils.metrics import MetricsWriter, perplexity
+
+
+@dataclass
+class TrainState:
+    """Progress counters; saved in every checkpoint so that a resumed run continues exactly."""
+
+    epoch: int = 0                 # current epoch (0-based)
+    step: int = 0                  # optimizer steps done, all epochs
+    batches_in_epoch: int = 0      # micro-batches of the current epoch already consumed
+    best_eval_loss: float = math.inf
+    tokens_seen: int = 0           # supervised tokens trained on, all ranks
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class TrainContext:
+    """What the loop needs besides model, data and optimizer. ``finetuning.main`` builds it."""
+
+    run: RunConfigs
+    device: torch.device
+    autocast: Callable[[], ContextManager] = contextlib.nullcontext
+    scaler: Optional[object] = None  # torch.amp.GradScaler for fp16
+    metrics: MetricsWriter = field(default_factory=lambda: MetricsWriter(None))
+    # (model, sync: bool) -> None; FSDP turns off gradient reduction on non-final micro-steps
+    set_gradient_sync: Callable[[torch.nn.Module, bool], None] = lambda model, sync: None
+    # (state, reason) -> None; reason is "epoch", "step" or "best"
+    save_checkpoint: Optional[Callable[[TrainState, str], None]] = None
+    observers: List[object] = field(default_factory=list)  # profiler, FLOP counter: .on_step_end(state)
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def _take(it: Iterator, n: int) -> list:
+    out = []
+    for _ in range(n):
+        try:
+            out.append(next(it))
+        except StopIteration:
+            break
+    return out
+
+
+def clip_and_measure_grad_norm(model: torch.nn.Module, max_norm: Optional[float]) -> float:
+    """Global L2 norm of the gradients (over all ranks for sharded params); clips when max_norm is set."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    if not params:
+        return 0.0
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm else float("inf"))
+    if hasattr(norm, "full_tensor"):  # DTensor (FSDP2)
+        norm = norm.full_tensor()
+    return float(norm)
+
+
+def train(model, train_loader, eval_loader, optimizer, lr_scheduler, ctx: TrainContext,
+          state: Optional[TrainState] = None) -> dict:
+    """Run all epochs. Returns a summary dict of losses, perplexities and timings."""
+    t = ctx.run.train
+    state = state or TrainState()
+    ga = t.gradient_accumulation_steps
+    world = distributed.info().world_size
+    clip = t.gradient_clipping_threshold if t.gradient_clipping and t.gradient_clipping_threshold > 0 else None
+    epoch_train_losses, epoch_eval_losses, epoch_times = [], [], []
+    stop = False
+
+    for epoch in range(state.epoch, t.num_epochs):
+        if stop:
+            break
+        state.epoch = epoch
+        if hasattr(train_loader.batch_sampler, "set_epoch"):
+            train_loader.batch_sampler.set_epoch(epoch)
+        model.train()
+        epoch_start = time.perf_counter()
+        epoch_loss_sum = torch.zeros((), dtype=torch.float64, device=ctx.device)
+        epoch_tokens = torch.zeros((), dtype=torch.float64, device=ctx.device)
+        batches = iter(train_loader)
+        for _ in range(state.batches_in_epoch):  # resume mid-epoch: skip what was already trained on
+            next(batches)
+        steps_in_epoch = math.ceil(len(train_loader) / ga)
+        pbar = tqdm(total=steps_in_epoch, initial=state.batches_in_epoch // ga, desc=f"Training epoch {epoch + 1}/"
+                    f"{t.num_epochs}", dynamic_ncols=True, disable=not distributed.is_main())
+
+        while not stop:
+            step_start = time.perf_counter()
+            micro_batches = _take(batches, ga)
+            if not micro_batches:
+                break
+            # 1. Count the step's supervised tokens over all micro-batches and ranks, before any backward.
+            local_tokens = sum(int(count_supervised_tokens(b["labels"])) for b in micro_batches)
+            global_tokens = distributed.all_reduce_sum(
+                torch.tensor(float(local_tokens), dtype=torch.float64, device=ctx.device)).item()
+            # FSDP/DDP average gradients over ranks; multiplying by world cancels that, so the result is
+            # sum(loss) / global_tokens exactly.
+            scale = world / max(global_tokens, 1.0)
+
+            # 2. Forward/backward every micro-batch; gradients are reduced only on the last one.
+            step_loss_sum = torch.zeros((), dtype=torch.float32, device=ctx.device)
+            for i, batch in enumerate(micro_batches):
+                ctx.set_gradient_sync(model, i == len(micro_batches) - 1)
+                batch = to_device(batch, ctx.device)
+                with ctx.autocast():
+                    out = model(**batch)
+                loss = out.loss_sum * scale
+                if ctx.scaler is not None:
+                    ctx.scaler.scale(loss).backward()
+                else:
+                    loss.backward()
+                step_loss_sum += out.loss_sum.detach()
+
+            # 3. Unscale (fp16), measure and clip the gradient norm, step, reset.
+            if ctx.scaler is not None:
+                ctx.scaler.unscale_(optimizer)
+            grad_norm = clip_and_measure_grad_norm(model, clip)
+            if ctx.scaler is not None:
+                ctx.scaler.step(optimizer)
+                ctx.scaler.update()
+            else:
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+            # 4. Bookkeeping: the step's token-weighted loss over all ranks.
+            global_loss_sum = distributed.all_reduce_sum(step_loss_sum.double()).item()
+            step_loss = global_loss_sum / max(global_tokens, 1.0)
+            epoch_loss_sum += global_loss_sum
+            epoch_tokens += global_tokens
+            state.step += 1
+            state.batches_in_epoch += len(micro_batches)
+            state.tokens_seen += int(global_tokens)
+            step_time = time.perf_counter() - step_start
+            lr = optimizer.param_groups[0]["lr"]
+            record = dict(step=state.step, epoch=epoch, loss=step_loss, perplexity=perplexity(step_loss), lr=lr,
+                          grad_norm=grad_norm, tokens=int(global_tokens), step_time_s=step_time)
+            if distributed.is_main():
+                ctx.metrics.write("train_step", **record)
+                if state.step % t.log_every_n_steps == 0:
+                    pbar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", gnorm=f"{grad_norm:.3f}")
+            pbar.update(1)
+            for obs in ctx.observers:
+                obs.on_step_end(state, record)
+
+            if ctx.save_checkpoint and t.save_every_n_steps and state.step % t.save_every_n_steps == 0:
+                ctx.save_checkpoint(state, "step")
+            if t.max_train_step and state.step >= t.max_train_step:
+                log(f"--> reached max_train_step={t.max_train_step}; stopping")
+                stop = True
+        pbar.close()
+
+        # End of epoch: token-weighted epoch loss, LR decay, evaluation, checkpoint.
+        train_loss = float(epoch_loss_sum / epoch_tokens.clamp(min=1))
+        epoch_train_losses.append(train_loss)
+        epoch_times.append(time.perf_counter() - epoch_start)
+        lr_scheduler.step()
+        eval_loss = None
+        if eval_loader is not None and t.run_validation:
+            eval_loss = evaluate(model, eval_loader, ctx, state)
+            epoch_eval_losses.append(eval_loss)
+        epoch_done = state.batches_in_epoch >= len(train_loader)
+        if epoch_done:
+            state.epoch, state.batches_in_epoch = epoch + 1, 0
+        improved = eval_loss is not None and eval_loss < state.best_eval_loss
+        if improved:
+            state.best_eval_loss = eval_loss
+        record = dict(epoch=epoch, train_loss=train_loss, train_perplexity=perplexity(train_loss),
+                      epoch_time_s=epoch_times[-1])
+        if eval_loss is not None:
+            record.update(eval_loss=eval_loss, eval_perplexity=perplexity(eval_loss))
+        if distributed.is_main():
+            ctx.metrics.write("epoch", **record)
+        msg = f"Epoch {epoch + 1}: train_loss={train_loss:.4f} train_ppl={perplexity(train_loss):.2f}"
+        if eval_loss is not None:
+            msg += f" eval_loss={eval_loss:.4f} eval_ppl={perplexity(eval_loss):.2f}"
+            msg += " (best)" if improved else ""
+        log(msg + f" time={epoch_times[-1]:.1f}s")
+        if ctx.save_checkpoint and t.save_model:
+            ctx.save_checkpoint(state, "best" if improved or eval_loss is None else "epoch")
+
+    summary = {
+        "train_loss": epoch_train_losses[-1] if epoch_train_losses else None,
+        "avg_train_loss": sum(epoch_train_losses) / len(epoch_train_losses) if epoch_train_losses else None,
+        "avg_epoch_time_s": sum(epoch_times) / len(epoch_times) if epoch_times else None,
+        "steps": state.step,
+        "tokens_seen": state.tokens_seen,
+    }
+    if epoch_train_losses:
+        summary["train_perplexity"] = perplexity(epoch_train_losses[-1])
+    if epoch_eval_losses:
+        summary.update(eval_loss=epoch_eval_losses[-1], eval_perplexity=perplexity(epoch_eval_losses[-1]),
+                       best_eval_loss=state.best_eval_loss)
+    return summary
+
+
+@torch.no_grad()
+def evaluate(model, eval_loader, ctx: TrainContext, state: TrainState) -> float:
+    """Token-weighted mean loss over the evaluation set (all ranks); every sample is seen once."""
+    t = ctx.run.train
+    model.eval()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=ctx.device)
+    tokens = torch.zeros((), dtype=torch.float64, device=ctx.device)
+    total = min(len(eval_loader), t.max_eval_step) if t.max_eval_step else len(eval_loader)
+    for i, batch in enumerate(tqdm(eval_loader, total=total, desc="Evaluating", dynamic_ncols=True,
+                                   disable=not distributed.is_main())):
+        if t.max_eval_step and i >= t.max_eval_step:
+            break
+        batch = to_device(batch, ctx.device)
+        with ctx.autocast():
+            out = model(**batch)
+        loss_sum += out.loss_sum.double()
+        tokens += out.num_tokens.double()
+        if distributed.is_main():
+            ctx.metrics.write("eval_step", step=state.step, batch=i, loss=float(out.loss_sum / out.num_tokens.clamp(min=1)))
+    distributed.all_reduce_sum(loss_sum)
+    distributed.all_reduce_sum(tokens)
+    model.train()
+    return float(loss_sum / tokens.clamp(min=1))
