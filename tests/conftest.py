@@ -1,0 +1,92 @@
+"""Shared fixtures: real tiny models and tokenizers written to disk, real data files.
+
+* ``tiny_llama_dir``: a 2-layer Llama (hidden 64, GQA) with the bundled byte-level BPE tokenizer,
+  saved with save_pretrained (random weights, seed 0). Session-scoped: built once.
+* ``tiny_gpt2_dir``: a second architecture (GPT-2) with the same tokenizer.
+* ``shared_data``: ../shared/data (the real alpaca / samsum / grammar files).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: multi-process or real-model tests (still run in CI)")
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    assert SHARED_DATA.is_dir(), f"real data sets expected at {SHARED_DATA}"
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def bundled_tokenizer_dir() -> Path:
+    from shardtune.configs.paths import BUNDLED_MODEL_DIR
+
+    return BUNDLED_MODEL_DIR
+
+
+def _save_tokenizer(dst: Path) -> None:
+    from shardtune.configs.paths import BUNDLED_MODEL_DIR
+
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        if (BUNDLED_MODEL_DIR / name).exists():
+            shutil.copy(BUNDLED_MODEL_DIR / name, dst / name)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory) -> Path:
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from shardtune.configs.paths import BUNDLED_MODEL_DIR
+
+    d = tmp_path_factory.mktemp("tiny_llama")
+    tok = AutoTokenizer.from_pretrained(BUNDLED_MODEL_DIR)
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=len(tok), max_position_embeddings=1024,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                      tie_word_embeddings=False)
+    torch.manual_seed(0)
+    LlamaForCausalLM(cfg).save_pretrained(d)
+    _save_tokenizer(d)
+    return d
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_dir(tmp_path_factory) -> Path:
+    import torch
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    from shardtune.configs.paths import BUNDLED_MODEL_DIR
+
+    d = tmp_path_factory.mktemp("tiny_gpt2")
+    tok = AutoTokenizer.from_pretrained(BUNDLED_MODEL_DIR)
+    cfg = GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=len(tok), n_positions=1024,
+                     bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    GPT2LMHeadModel(cfg).save_pretrained(d)
+    _save_tokenizer(d)
+    return d
+
+
+@pytest.fixture()
+def free_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
