@@ -1,0 +1,136 @@
+"""The command line: flag names of the reference, typed coercion, one-line errors, --help, --config."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+import pytest
+import yaml
+
+from shardtune.configs import ShardingStrategy, StateDictType
+from shardtune.finetuning import cli
+from shardtune.utils.config_utils import ConfigError, RunConfigs, format_help, parse_cli
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_reference_flags_and_coercion():
+    run = parse_cli({
+        "model_name": "some/model", "use_peft": True, "peft_method": "lora", "lr": "3e-4",
+        "batch_size_training": "2", "fsdp_config.sharding_strategy": "HYBRID_SHARD",
+        "fsdp_config.checkpoint_type": "StateDictType.FULL_STATE_DICT",
+        "lora_config.target_modules": ("q_proj", "k_proj"),  # fire turns q_proj,k_proj into a tuple
+        "alpaca_dataset.data_path": "x.json", "enable_fsdp": "true", "quantization_config.compute_dtype": "float16",
+        "wandb_config.tags": "a,b",
+    })
+    assert run.train.lr == pytest.approx(3e-4) and run.train.batch_size_training == 2 and run.train.enable_fsdp
+    assert run.fsdp.sharding_strategy is ShardingStrategy.HYBRID_SHARD
+    assert run.fsdp.checkpoint_type is StateDictType.FULL_STATE_DICT
+    assert run.peft.target_modules == ["q_proj", "k_proj"]
+    assert run.dataset.data_path == "x.json"
+    assert str(run.quantization.compute_dtype) == "torch.float16"
+    assert run.wandb.tags == ["a", "b"]
+    assert parse_cli({"lora_config.target_modules": "[q_proj, v_proj, o_proj]"}).peft.target_modules == [
+        "q_proj", "v_proj", "o_proj"]
+
+
+def test_plain_key_goes_to_first_config_that_has_it():
+    run = parse_cli({"use_fp16": True, "r": 16, "bias": "lora_only", "task_type": "CAUSAL_LM"})
+    assert run.train.use_fp16 and not run.fsdp.use_fp16          # train_config first
+    assert run.peft_configs["lora"].r == 16 and run.peft_configs["lora"].bias == "lora_only"
+    run = parse_cli({"fsdp_config.use_fp16": True})
+    assert run.fsdp.use_fp16 and not run.train.use_fp16
+    # the active dataset config gets a plain dataset key
+    run = parse_cli({"dataset": "grammar_dataset", "train_split": "g.csv"})
+    assert run.dataset_configs["grammar_dataset"].train_split == "g.csv"
+    assert run.dataset_configs["alpaca_dataset"].train_split == "train"
+
+
+@pytest.mark.parametrize("kwargs, expected", [
+    ({"lrr": 1e-4}, "unknown flag --lrr; did you mean --lr"),
+    ({"fsdp_config.sharding_strategy": "HALF_SHARD"}, "--fsdp_config.sharding_strategy: expected one of FULL_SHARD"),
+    ({"batch_size_training": "four"}, "--batch_size_training: expected an int, got 'four'"),
+    ({"use_peft": "maybe"}, "--use_peft: expected a bool"),
+    ({"flop_counter": True, "use_profiler": True}, "--flop_counter and --use_profiler cannot be combined"),
+    ({"flop_counter": True, "max_train_step": 2, "flop_counter_start": 3}, "must be greater than --flop_counter_start"),
+    ({"fsdp_config.hsdp": True, "fsdp_config.sharding_strategy": "HYBRID_SHARD"}, "--sharding_group_size"),
+    ({"dataset": "imagenet"}, "--dataset: unknown data set 'imagenet'"),
+    ({"peft_method": "ia3"}, "--peft_method: unknown method 'ia3'"),
+    ({"nosuch_config.x": 1}, "'nosuch_config' is not a config"),
+    ({"fsdp_config.a.b": 1}, "use one dot"),
+    ({"lora_config.bias": "some"}, "--lora_config.bias: expected 'none', 'all' or 'lora_only'"),
+    ({"from_peft_checkpoint": "x"}, "--from_peft_checkpoint needs --use_peft"),
+])
+def test_bad_input_is_one_clear_line(kwargs, expected):
+    with pytest.raises(ConfigError) as err:
+        parse_cli(kwargs)
+    msg = str(err.value)
+    assert expected in msg and "\n" not in msg
+
+
+def test_cli_exit_code_2_and_nothing_written(tmp_path, capsys):
+    out = tmp_path / "out"
+    rc = cli(["--lrr", "1e-4", "--output_dir", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert err.strip().splitlines() == ["error: unknown flag --lrr; did you mean --lr? (see --help)"]
+    assert not out.exists()
+    # a missing model folder fails before anything is created either
+    rc = cli(["--model_name", str(tmp_path / "no_such_model"), "--output_dir", str(out)])
+    assert rc == 2 and "folder not found" in capsys.readouterr().err and not out.exists()
+
+
+def test_real_entry_point_prints_no_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, str(REPO / "finetuning.py"), "--fsdp_config.sharding_strategy", "X",
+                           "--output_dir", str(tmp_path / "o")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: --fsdp_config.sharding_strategy: expected one of")
+
+
+def test_help_lists_every_field_with_type_default_and_doc(capsys):
+    assert cli(["--help"]) == 0
+    text = capsys.readouterr().out
+    run = RunConfigs()
+    for name, cfg in run.by_name().items():
+        assert f"\n{name}:" in text
+        for f in fields(cfg):
+            assert f.metadata.get("help"), f"{name}.{f.name} has no documentation"
+            assert f"--{f.name} (" in text
+    assert "--sharding_strategy (FULL_SHARD|SHARD_GRAD_OP|NO_SHARD|HYBRID_SHARD, default 'FULL_SHARD')" in text
+    assert text == format_help() + "\n"
+
+
+def test_config_file_and_command_line_override(tmp_path):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(yaml.safe_dump({"lr": 2e-4, "num_epochs": 5, "fsdp_config": {"pure_bf16": True},
+                                   "lora_config.r": 4}))
+    run = parse_cli({"config": str(cfg), "num_epochs": 1})
+    assert run.train.lr == pytest.approx(2e-4) and run.train.num_epochs == 1
+    assert run.fsdp.pure_bf16 and run.peft_configs["lora"].r == 4
+    with pytest.raises(ConfigError, match="--config: file not found"):
+        parse_cli({"config": str(tmp_path / "missing.yaml")})
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("lr: [1, 2\n")
+    with pytest.raises(ConfigError, match="--config: cannot parse"):
+        parse_cli({"config": str(bad)})
+
+
+def test_resolved_config_round_trips(tmp_path):
+    from shardtune.utils.config_utils import save_resolved
+
+    run = parse_cli({"model_name": "m", "lr": 5e-5, "fsdp_config.sharding_strategy": "SHARD_GRAD_OP",
+                     "use_peft": True, "lora_config.r": 2})
+    save_resolved(run, tmp_path / "run_config.yaml")
+    again = parse_cli({"config": str(tmp_path / "run_config.yaml")})
+    assert again.to_dict() == run.to_dict()
+
+
+def test_demo_preset_only_without_model_name():
+    demo = parse_cli({})
+    assert demo.demo_preset and demo.train.context_length == 512
+    assert parse_cli({"context_length": 64}).train.context_length == 64        # flags override the preset
+    real = parse_cli({"model_name": "x/y"})
+    assert not real.demo_preset and real.train.context_length == 4096 and real.train.lr == pytest.approx(1e-4)
