@@ -92,6 +92,9 @@ class train_config:
     use_profiler: bool = doc(False, "Profile with torch.profiler and write TensorBoard traces.")
     profiler_dir: str = doc("", "Where profiler traces go; default '<output_dir>/profiler' (the reference's default "
                                 "was a placeholder path).")
+    profiler_wait: int = doc(1, "Profiler schedule: optimizer steps skipped before profiling starts.")
+    profiler_warmup: int = doc(2, "Profiler schedule: steps traced but discarded (warm-up) before recording.")
+    profiler_active: int = doc(3, "Profiler schedule: steps recorded into the trace (once per run).")
     use_wandb: bool = doc(False, "Log to Weights & Biases (optional extra: pip install 'shardtune[tracking]').")
     use_tensorboard: bool = doc(False, "Write TensorBoard event files under <output_dir>/tensorboard (optional "
                                        "extra: pip install 'shardtune[tracking]').")

@@ -21,7 +21,8 @@ from shardtune.utils import distributed
 from shardtune.utils.config_utils import RunConfigs
 from shardtune.utils.logging import log
 from shardtune.utils.loss import count_supervised_tokens
-from shardtune.utils.metrics import MetricsWriter, perplexity
+from shardtune.utils.memory_utils import GB, MemoryTracker, device_peak_allocated_bytes, host_peak_rss_bytes
+from shardtune.utils.metrics import MetricsWriter, StepObserver, format_step_line, perplexity
 
 
 @dataclass
@@ -51,7 +52,10 @@ class TrainContext:
     set_gradient_sync: Callable[[torch.nn.Module, bool], None] = lambda model, sync: None
     # (state, reason) -> None; reason is "epoch", "step" or "best"
     save_checkpoint: Optional[Callable[[TrainState, str], None]] = None
-    observers: List[object] = field(default_factory=list)  # profiler, FLOP counter: .on_step_end(state)
+    # profiler, FLOP counter: .on_step_start(state), .on_step_end(state, record), .close() on every rank
+    observers: List[StepObserver] = field(default_factory=list)
+    model_flops: Optional[object] = None  # utils/flop_utils.ModelFlops: analytic FLOPs for TFLOP/s and MFU
+    peak_tflops: Optional[float] = None   # accelerator dense bf16 peak (utils/mfu.py); None: no MFU
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
