@@ -71,6 +71,11 @@ def main(**kwargs) -> dict:
 
         if importlib.util.find_spec("bitsandbytes") is None:
             raise ConfigError("--quantization needs bitsandbytes: pip install 'shardtune[quant]'")
+    from shardtune.utils.profiling import check_profiler_config
+    from shardtune.utils.trackers import check_trackers
+
+    check_trackers(run)  # --use_wandb / --use_tensorboard without the 'tracking' extra: one line, now
+    check_profiler_config(run)
 
     from shardtune.utils.model_utils import ModelSource, load_model_config, load_tokenizer
 
@@ -85,8 +90,6 @@ def main(**kwargs) -> dict:
     device = dist_info.device
     seed_everything(t.seed)
     precision = resolve_precision(run, device)
-    if precision in ("bf16_mixed", "bf16_pure", "fp16_mixed") and device.type == "cpu" and t.precision == "auto":
-        pass  # only reachable through explicit use_fp16/pure_bf16 on CPU; allowed, slow
     output_dir = Path(t.output_dir)
     if distributed.is_main():
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -166,7 +169,20 @@ def main(**kwargs) -> dict:
 
     stamp = time.strftime("%Y%m%d-%H%M%S")
     metrics_path = output_dir / f"metrics_{stamp}.jsonl" if t.save_metrics and distributed.is_main() else None
-    metrics = MetricsWriter(metrics_path)
+    # Observability: analytic FLOPs and the accelerator peak (MFU), trackers, profiler or FLOP counter.
+    from shardtune.utils.flop_utils import FlopCounter, count_model_flops
+    from shardtune.utils.mfu import peak_tflops_for
+    from shardtune.utils.profiling import build_profiler
+    from shardtune.utils.trackers import build_trackers
+
+    model_flops = count_model_flops(model)
+    peak_tflops, peak_note = peak_tflops_for(device, t.peak_tflops)
+    log(f"--> {peak_note}; analytic {model_flops.per_token(t.context_length) / 1e9:.4g} GFLOP per token at "
+        f"{t.context_length} tokens (docs/observability.md)")
+    observers = [build_profiler(run, device)] if t.use_profiler else []
+    if t.flop_counter:
+        observers.append(FlopCounter(t.flop_counter_start, device, model_flops, peak_tflops))
+    metrics = MetricsWriter(metrics_path, build_trackers(run, output_dir, distributed.is_main()))
 
     def save_checkpoint(state, reason: str) -> None:
         if reason == "step":
@@ -180,10 +196,14 @@ def main(**kwargs) -> dict:
 
     ctx = TrainContext(run=run, device=device, autocast=autocast_for(precision, device, t.enable_fsdp and
                                                                      dist_info.distributed),
-                       scaler=scaler, metrics=metrics, set_gradient_sync=sync_fn, save_checkpoint=save_checkpoint)
+                       scaler=scaler, metrics=metrics, set_gradient_sync=sync_fn, save_checkpoint=save_checkpoint,
+                       observers=observers, model_flops=model_flops, peak_tflops=peak_tflops)
     try:
         summary = train(model, train_loader, eval_loader, optimizer, lr_scheduler, ctx)
+        summary.update({"flop_counter": obs.result for obs in observers if getattr(obs, "result", None)})
     finally:
+        for obs in observers:
+            obs.close()
         metrics.close()
     if metrics_path is not None:
         summary["metrics_file"] = str(metrics_path)

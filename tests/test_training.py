@@ -181,3 +181,8 @@ def test_real_pretrained_smollm2_lora_loss_falls(shared_data, tmp_path):
     assert 0.5 < first < 4.0, "a pretrained model should start far below log(vocab) = 10.8"
     assert second < first - 0.05, (first, second)
     assert summary["steps"] == len(losses)
+
+
+def test_use_fast_kernels_logs_the_attention_choice(tiny_llama_dir, tmp_path, capsys):
+    main(model_name=str(tiny_llama_dir), use_fast_kernels=True, max_train_step=1, output_dir=str(tmp_path), **QUICK)
+    assert "--> attention: sdpa (CPU: no fused attention kernels exist here)" in capsys.readouterr().out

@@ -82,7 +82,8 @@ class train_config:
     keep_last_n_checkpoints: int = doc(2, "Keep the newest N step checkpoints (the best-eval one is always kept).")
     resume_from: str = doc("", "Checkpoint folder to resume from, or 'auto' for the newest complete one in the "
                                "output folder.")
-    save_metrics: bool = doc(False, "Append per-step and per-epoch metrics to <output_dir>/metrics.jsonl.")
+    save_metrics: bool = doc(False, "Append per-step and per-epoch metrics to <output_dir>/metrics_<time>.jsonl "
+                                    "(rank 0; plot with python -m shardtune.utils.plot_metrics FILE).")
     # ---- observability -----------------------------------------------------------------------
     log_every_n_steps: int = doc(1, "Print one metrics line every N optimizer steps (rank 0).")
     peak_tflops: float = doc(0.0, "Accelerator dense bf16 peak in TFLOP/s for MFU (0: look it up from the device "

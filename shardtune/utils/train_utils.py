@@ -92,6 +92,7 @@ def train(model, train_loader, eval_loader, optimizer, lr_scheduler, ctx: TrainC
     world = distributed.info().world_size
     clip = t.gradient_clipping_threshold if t.gradient_clipping and t.gradient_clipping_threshold > 0 else None
     epoch_train_losses, epoch_eval_losses, epoch_times = [], [], []
+    memory = MemoryTracker(ctx.device)  # peaks from the allocator and the kernel: no polling thread
     stop = False
 
     for epoch in range(state.epoch, t.num_epochs):
@@ -101,6 +102,7 @@ def train(model, train_loader, eval_loader, optimizer, lr_scheduler, ctx: TrainC
         if hasattr(train_loader.batch_sampler, "set_epoch"):
             train_loader.batch_sampler.set_epoch(epoch)
         model.train()
+        memory.start_epoch()
         epoch_start = time.perf_counter()
         epoch_loss_sum = torch.zeros((), dtype=torch.float64, device=ctx.device)
         epoch_tokens = torch.zeros((), dtype=torch.float64, device=ctx.device)
@@ -116,10 +118,16 @@ def train(model, train_loader, eval_loader, optimizer, lr_scheduler, ctx: TrainC
             micro_batches = _take(batches, ga)
             if not micro_batches:
                 break
-            # 1. Count the step's supervised tokens over all micro-batches and ranks, before any backward.
+            for obs in ctx.observers:
+                obs.on_step_start(state)
+            # 1. Count the step's supervised tokens over all micro-batches and ranks, before any backward;
+            #    with them (one all-reduce) the input tokens and analytic FLOPs for throughput and MFU.
             local_tokens = sum(int(count_supervised_tokens(b["labels"])) for b in micro_batches)
-            global_tokens = distributed.all_reduce_sum(
-                torch.tensor(float(local_tokens), dtype=torch.float64, device=ctx.device)).item()
+            local_inputs = sum(b["input_ids"].numel() for b in micro_batches)
+            local_flops = sum(ctx.model_flops.batch(b["input_ids"].shape) for b in micro_batches) \
+                if ctx.model_flops else 0.0
+            global_tokens, global_inputs, global_flops = distributed.all_reduce_sum(torch.tensor(
+                [float(local_tokens), float(local_inputs), local_flops], dtype=torch.float64, device=ctx.device)).tolist()
             # FSDP/DDP average gradients over ranks; multiplying by world cancels that, so the result is
             # sum(loss) / global_tokens exactly.
             scale = world / max(global_tokens, 1.0)
@@ -159,12 +167,21 @@ def train(model, train_loader, eval_loader, optimizer, lr_scheduler, ctx: TrainC
             state.tokens_seen += int(global_tokens)
             step_time = time.perf_counter() - step_start
             lr = optimizer.param_groups[0]["lr"]
+            # 5. Throughput per GPU (process): all input tokens, padding included, and analytic TFLOP/s; MFU
+            #    against the accelerator's peak. Peak memory: device allocated on GPUs, host RSS on CPU.
+            tflops = global_flops / world / step_time / 1e12 if ctx.model_flops else None
+            peak_mem = device_peak_allocated_bytes(ctx.device) or host_peak_rss_bytes()
             record = dict(step=state.step, epoch=epoch, loss=step_loss, perplexity=perplexity(step_loss), lr=lr,
-                          grad_norm=grad_norm, tokens=int(global_tokens), step_time_s=step_time)
+                          grad_norm=grad_norm, tokens=int(global_tokens), input_tokens=int(global_inputs),
+                          step_time_s=step_time, tokens_per_s=global_inputs / world / step_time,
+                          model_flops=global_flops, tflops=tflops,
+                          mfu=tflops / ctx.peak_tflops if tflops is not None and ctx.peak_tflops else None,
+                          peak_mem_gb=round(peak_mem / GB, 1))
             if distributed.is_main():
                 ctx.metrics.write("train_step", **record)
                 if state.step % t.log_every_n_steps == 0:
                     pbar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", gnorm=f"{grad_norm:.3f}")
+                    tqdm.write(format_step_line(record, t.num_epochs))
             pbar.update(1)
             for obs in ctx.observers:
                 obs.on_step_end(state, record)
@@ -191,8 +208,9 @@ def train(model, train_loader, eval_loader, optimizer, lr_scheduler, ctx: TrainC
         improved = eval_loss is not None and eval_loss < state.best_eval_loss
         if improved:
             state.best_eval_loss = eval_loss
-        record = dict(epoch=epoch, train_loss=train_loss, train_perplexity=perplexity(train_loss),
-                      epoch_time_s=epoch_times[-1])
+        epoch_memory = memory.epoch_stats()  # this epoch's peaks, evaluation included
+        record = dict(epoch=epoch, step=state.step, train_loss=train_loss, train_perplexity=perplexity(train_loss),
+                      epoch_time_s=epoch_times[-1], **epoch_memory.as_gb())
         if eval_loss is not None:
             record.update(eval_loss=eval_loss, eval_perplexity=perplexity(eval_loss))
         if distributed.is_main():
@@ -202,6 +220,7 @@ def train(model, train_loader, eval_loader, optimizer, lr_scheduler, ctx: TrainC
             msg += f" eval_loss={eval_loss:.4f} eval_ppl={perplexity(eval_loss):.2f}"
             msg += " (best)" if improved else ""
         log(msg + f" time={epoch_times[-1]:.1f}s")
+        log(epoch_memory.format(f"epoch {epoch + 1}"))
         if ctx.save_checkpoint and t.save_model:
             ctx.save_checkpoint(state, "best" if improved or eval_loss is None else "epoch")
 
@@ -212,6 +231,9 @@ def train(model, train_loader, eval_loader, optimizer, lr_scheduler, ctx: TrainC
         "steps": state.step,
         "tokens_seen": state.tokens_seen,
     }
+    run_memory = memory.run_stats()
+    log(run_memory.format("whole run"))
+    summary.update(run_memory.as_gb())
     if epoch_train_losses:
         summary["train_perplexity"] = perplexity(epoch_train_losses[-1])
     if epoch_eval_losses:

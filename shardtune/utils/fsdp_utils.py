@@ -1,0 +1,238 @@
+"""Sharding a model with FSDP2 (``torch.distributed.fsdp.fully_shard``): the device mesh, the units,
+numerics, activation checkpointing, CPU offload and rank-0-only weight loading.
+
+The reference's FSDP1 flags map onto FSDP2 like this:
+
+=====================  ===========================================================================
+sharding_strategy      FSDP2
+=====================  ===========================================================================
+FULL_SHARD             1-D mesh over all ranks; parameters re-sharded after each unit's forward
+SHARD_GRAD_OP          same mesh; ``reshard_after_forward=False`` (gathered parameters kept for backward)
+NO_SHARD               2-D mesh (world x 1): every rank holds everything, gradients are all-reduced
+HYBRID_SHARD           2-D mesh (replicas x shard group): shard inside a group, all-reduce across groups
+=====================  ===========================================================================
+
+HYBRID_SHARD always gets an explicit mesh: ``--fsdp_config.hsdp --sharding_group_size S
+--replica_group_size R`` (S x R = world size), or without ``--hsdp`` one shard group per node
+(LOCAL_WORLD_SIZE ranks). The mesh is logged.
+
+Order in :func:`shard_model`: pure-bf16 cast -> activation checkpointing -> ``fully_shard`` on every
+decoder layer -> ``fully_shard`` on the root (``CausalLMWithLoss``) -> for ``--low_cpu_fsdp``, weights
+broadcast from rank 0 and non-persistent buffers rebuilt.
+"""
+from __future__ import annotations
+
+import os
+import resource
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from shardtune.configs.fsdp import ShardingStrategy
+from shardtune.utils.config_utils import ConfigError, RunConfigs
+from shardtune.utils.distributed import DistInfo
+from shardtune.utils.logging import log, log_all
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation and the device mesh
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class MeshPlan:
+    """The data-parallel layout: ``shape`` is (world,) or (replicas, shard group size)."""
+
+    shape: Tuple[int, ...]
+    dim_names: Tuple[str, ...]
+    reshard_after_forward: bool
+    description: str
+
+
+def local_world_size(world_size: int) -> int:
+    """Ranks per node, as torchrun reports it (LOCAL_WORLD_SIZE); the whole world when unknown."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+
+
+def plan_mesh(run: RunConfigs, world_size: int, node_size: Optional[int] = None) -> MeshPlan:
+    """The mesh for --fsdp_config.sharding_strategy (and --hsdp). Raises ConfigError on impossible sizes."""
+    f = run.fsdp
+    strategy = f.sharding_strategy
+    if strategy in (ShardingStrategy.FULL_SHARD, ShardingStrategy.SHARD_GRAD_OP):
+        zero3 = strategy is ShardingStrategy.FULL_SHARD
+        return MeshPlan((world_size,), ("shard",), zero3,
+                        f"{strategy.name}: parameters sharded over {world_size} ranks"
+                        + ("" if zero3 else ", kept gathered from forward to backward"))
+    if strategy is ShardingStrategy.NO_SHARD:
+        return MeshPlan((world_size, 1), ("replicate", "shard"), False,
+                        f"NO_SHARD: {world_size} full replicas, gradients all-reduced")
+    # HYBRID_SHARD
+    if f.hsdp:
+        s, r = f.sharding_group_size, f.replica_group_size
+        if s < 1 or r < 1 or s * r != world_size:
+            raise ConfigError(f"--fsdp_config.hsdp: sharding_group_size {s} x replica_group_size {r} = {s * r}, "
+                              f"but {world_size} processes were launched; pick S x R = {world_size}")
+        how = f"explicit mesh from --sharding_group_size {s} --replica_group_size {r}"
+    else:
+        s = node_size if node_size is not None else local_world_size(world_size)
+        if s < 1 or world_size % s:
+            raise ConfigError(f"--fsdp_config.sharding_strategy HYBRID_SHARD: {world_size} processes cannot be split "
+                              f"into shard groups of {s} (ranks per node); use --fsdp_config.hsdp "
+                              f"--sharding_group_size S --replica_group_size R with S x R = {world_size}")
+        r = world_size // s
+        how = f"one shard group per node (LOCAL_WORLD_SIZE={s}); set --hsdp to choose sizes"
+    return MeshPlan((r, s), ("replicate", "shard"), True,
+                    f"HYBRID_SHARD: {r} replica(s) x shard groups of {s} ({how})")
+
+
+def check_fsdp_config(run: RunConfigs, dist_info: DistInfo) -> None:
+    """Everything about sharding that can fail on user input; call before the weights are read."""
+    if not (run.train.enable_fsdp and dist_info.distributed):
+        return
+    if run.fsdp.fsdp_cpu_offload and dist_info.device.type != "cuda":
+        raise ConfigError("--fsdp_config.fsdp_cpu_offload needs CUDA GPUs (it keeps shards in host memory and moves "
+                          "them to the GPU for compute); on CPU the model is in host memory already: drop the flag")
+    plan_mesh(run, dist_info.world_size)
+
+
+def build_mesh(run: RunConfigs, dist_info: DistInfo):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    plan = plan_mesh(run, dist_info.world_size)
+    mesh = init_device_mesh(dist_info.device.type, plan.shape, mesh_dim_names=plan.dim_names)
+    return mesh, plan
+
+
+# ---------------------------------------------------------------------------------------------
+# Sharding
+# ---------------------------------------------------------------------------------------------
+def shard_model(model: nn.Module, run: RunConfigs, dist_info: DistInfo, precision: str) -> nn.Module:
+    """Shard ``model`` (the CausalLMWithLoss wrapper) in place with FSDP2 and return it.
+
+    With --low_cpu_fsdp, rank 0 holds the real weights and the other ranks a meta-device copy; the
+    weights reach the other ranks by broadcast after sharding, so no rank but 0 ever holds them whole.
+    """
+    from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
+
+    from shardtune.policies.activation_checkpointing import apply_activation_checkpointing
+    from shardtune.policies.mixed_precision import describe, mp_policy_for
+    from shardtune.policies.wrapping import describe_units, fsdp_units
+
+    check_fsdp_config(run, dist_info)
+    f, t = run.fsdp, run.train
+    device = dist_info.device
+    mesh, plan = build_mesh(run, dist_info)
+
+    if precision == "bf16_pure":
+        cast_parameters(model, torch.bfloat16)  # buffers (RoPE frequencies) stay fp32
+
+    # Rank 0's full weights for --low_cpu_fsdp, taken before sharding replaces the parameters.
+    low_cpu = t.low_cpu_fsdp
+    full_state = model.state_dict() if low_cpu and dist_info.is_main else {}
+    on_meta = any(p.is_meta for p in model.parameters())
+    if on_meta and not low_cpu:
+        raise RuntimeError("the model is on the meta device but --low_cpu_fsdp is off: nothing would fill it")
+
+    units_msg = describe_units(model)
+    layers = fsdp_units(model)
+    if f.fsdp_activation_checkpointing:
+        layers = apply_activation_checkpointing(model, layers)
+
+    offload = OffloadPolicy()
+    if f.fsdp_cpu_offload:
+        offload = CPUOffloadPolicy(pin_memory=True)
+    kwargs = dict(mesh=mesh, mp_policy=mp_policy_for(precision), offload_policy=offload)
+    for layer in layers:
+        fully_shard(layer, reshard_after_forward=plan.reshard_after_forward, **kwargs)
+    # The root's parameters (embeddings, final norm, output layer) are needed again at the start of
+    # backward, so they stay gathered after forward.
+    fully_shard(model, reshard_after_forward=False, **kwargs)
+
+    if low_cpu:
+        if on_meta:
+            model.to_empty(device="cpu" if f.fsdp_cpu_offload else device)
+        load_full_state_from_rank0(model, full_state)
+        del full_state
+        rss = peak_rss_mb()
+        log_all(f"--> low_cpu_fsdp: weights {'read from disk' if dist_info.is_main else 'received from rank 0'}; "
+                f"peak host RSS so far {rss:.0f} MB")
+
+    log(f"--> FSDP2 {plan.description}; mesh {tuple(plan.shape)} {list(plan.dim_names)}; units {units_msg}; "
+        f"{describe(precision)}; activation checkpointing {'on' if f.fsdp_activation_checkpointing else 'off'}; "
+        f"CPU offload {'on' if f.fsdp_cpu_offload else 'off'}")
+    return model
+
+
+def cast_parameters(model: nn.Module, dtype: torch.dtype) -> None:
+    """Cast floating-point parameters (not buffers) to ``dtype``: pure bf16 training."""
+    for p in model.parameters():
+        if p.is_floating_point() and p.dtype != dtype:
+            p.data = p.data.to(dtype)
+
+
+def load_full_state_from_rank0(model: nn.Module, full_state: dict) -> None:
+    """Fill a sharded model with rank 0's full state dict (other ranks pass {}), then rebuild the
+    buffers that are in no state dict."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    set_model_state_dict(model, full_state,
+                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    restore_non_persistent_buffers(model)
+
+
+def restore_non_persistent_buffers(model: nn.Module) -> None:
+    """Recompute buffers that no state dict holds (``persistent=False``) after a meta-device build.
+
+    Rotary-embedding modules are rebuilt from their config (whatever the RoPE variant: the model's own
+    constructor computes it) and their buffers copied; any other non-persistent buffer is broadcast
+    from rank 0, which built the model for real. Every rank makes the same calls in the same order.
+    """
+    for module in model.modules():
+        names = [n for n in getattr(module, "_non_persistent_buffers_set", ()) if module._buffers.get(n) is not None]
+        if not names:
+            continue
+        fresh = _rebuild_rotary(module)
+        for name in sorted(names):
+            buf = module._buffers[name]
+            if fresh is not None and isinstance(fresh._buffers.get(name), torch.Tensor):
+                with torch.no_grad():
+                    buf.copy_(fresh._buffers[name].to(device=buf.device, dtype=buf.dtype))
+            elif dist.is_available() and dist.is_initialized():
+                dist.broadcast(buf, src=0)
+
+
+def _rebuild_rotary(module: nn.Module) -> Optional[nn.Module]:
+    if "Rotary" not in type(module).__name__ or not hasattr(module, "config"):
+        return None
+    try:
+        with torch.device("cpu"):
+            return type(module)(module.config)
+    except Exception:  # noqa: BLE001 - an unusual constructor: fall back to the broadcast
+        return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Training-loop hooks
+# ---------------------------------------------------------------------------------------------
+def set_gradient_sync(model: nn.Module, sync: bool) -> None:
+    """Gradient accumulation: reduce gradients over ranks only on the last micro-batch of a step."""
+    if hasattr(model, "set_requires_gradient_sync"):
+        model.set_requires_gradient_sync(sync)
+
+
+def make_grad_scaler(precision: str, device: torch.device):
+    """The gradient scaler for fp16 (None otherwise).
+
+    ``torch.amp.GradScaler`` works with FSDP2: gradients are DTensors, and DTensor's handler for the
+    unscale kernel reduces the found-inf flag over the mesh, so every rank skips the same steps
+    (``ShardedGradScaler`` is only needed for FSDP1's flat parameters).
+    """
+    if precision != "fp16_mixed":
+        return None
+    return torch.amp.GradScaler(device.type)
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident host memory so far, in MB (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
