@@ -101,6 +101,13 @@ def main(**kwargs) -> dict:
             + ", ".join(f"{k.split('.')[-1]}={v}" for k, v in DEMO_PRESET.items()) + " (flags override)")
     log(f"--> resolved config (also in {output_dir / 'run_config.yaml'}):\n{dump_resolved(run)}")
     log(f"--> device {device} x {dist_info.world_size} process(es), precision {precision}")
+    if t.enable_fsdp and dist_info.distributed:
+        from shardtune.utils.fsdp_utils import check_fsdp_config
+
+        check_fsdp_config(run, dist_info)  # mesh sizes, CPU offload: one-line errors before anything is loaded
+    from shardtune.model_checkpointing.checkpoint import find_resume_point
+
+    resume = find_resume_point(run)  # --resume_from DIR | auto; None: start from scratch
 
     # 3. Tokenizer and data (file errors surface here, before the weights are read).
     tokenizer = load_tokenizer(t.tokenizer_name or t.model_name,
@@ -127,7 +134,11 @@ def main(**kwargs) -> dict:
 
     bnb_config = run.quantization.create_bnb_config(t.quantization) if t.quantization else None
     meta = t.low_cpu_fsdp and not dist_info.is_main
-    lm = load_model(t.model_name, precision, device, use_fast_kernels=t.use_fast_kernels, bnb_config=bnb_config,
+    # A FULL_STATE_DICT checkpoint brings its own weights: a Hugging Face folder, or a PEFT adapter folder.
+    weights = str(resume.model_dir) if resume and resume.model_dir else t.model_name
+    if resume and resume.adapter_dir:
+        t.from_peft_checkpoint = str(resume.adapter_dir)
+    lm = load_model(weights, precision, device, use_fast_kernels=t.use_fast_kernels, bnb_config=bnb_config,
                     meta=meta)
     export_dtype = getattr(model_config, "dtype", None) or torch.float32
     if isinstance(export_dtype, str):
@@ -163,7 +174,7 @@ def main(**kwargs) -> dict:
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16_mixed" else None
 
     # 6. Train.
-    from shardtune.model_checkpointing.export import export_pretrained
+    from shardtune.model_checkpointing.checkpoint import Checkpointer
     from shardtune.utils.metrics import MetricsWriter
     from shardtune.utils.train_utils import TrainContext, train
 
@@ -184,22 +195,18 @@ def main(**kwargs) -> dict:
         observers.append(FlopCounter(t.flop_counter_start, device, model_flops, peak_tflops))
     metrics = MetricsWriter(metrics_path, build_trackers(run, output_dir, distributed.is_main()))
 
-    def save_checkpoint(state, reason: str) -> None:
-        if reason == "step":
-            return  # resumable step checkpoints: see model_checkpointing (FSDP issue)
-        if reason in ("best", "epoch") and (reason == "best" or not t.run_validation):
-            if distributed.is_main():
-                out = export_pretrained(lm, tokenizer, output_dir / "model",
-                                        dtype=None if t.use_peft else export_dtype)
-                log(f"--> saved {'adapter' if t.use_peft else 'model'} to {out}")
-            distributed.barrier()
+    # Resumable checkpoints (every --save_every_n_steps and per epoch) and the exported model / adapter
+    # (<output_dir>/model); resuming restores model, optimizer, scheduler, progress and RNG.
+    checkpointer = Checkpointer(run, model, lm, optimizer, lr_scheduler, scaler, tokenizer, export_dtype)
+    state, restore_rng = checkpointer.load(resume) if resume else (None, None)
 
     ctx = TrainContext(run=run, device=device, autocast=autocast_for(precision, device, t.enable_fsdp and
                                                                      dist_info.distributed),
-                       scaler=scaler, metrics=metrics, set_gradient_sync=sync_fn, save_checkpoint=save_checkpoint,
-                       observers=observers, model_flops=model_flops, peak_tflops=peak_tflops)
+                       scaler=scaler, metrics=metrics, set_gradient_sync=sync_fn, save_checkpoint=checkpointer,
+                       observers=observers, model_flops=model_flops, peak_tflops=peak_tflops,
+                       restore_rng=restore_rng)
     try:
-        summary = train(model, train_loader, eval_loader, optimizer, lr_scheduler, ctx)
+        summary = train(model, train_loader, eval_loader, optimizer, lr_scheduler, ctx, state=state)
         summary.update({"flop_counter": obs.result for obs in observers if getattr(obs, "result", None)})
     finally:
         for obs in observers:

@@ -1,7 +1,8 @@
 """Dataset configs. The class name is the ``--dataset`` value and the ``--<name>.field`` prefix.
 
-Relative paths are resolved against the current directory. A missing file gives one error line that
-names the flag that sets the path and where the data set comes from.
+Relative paths are resolved against the current directory; the defaults expect the layout
+``data/<name>/...`` (or, for samsum, the hub). A missing file gives one error line that names the
+flag that sets the path and where the data set comes from. docs/datasets.md describes each format.
 """
 from dataclasses import dataclass
 
@@ -12,9 +13,10 @@ from shardtune.configs.paths import BUNDLED_ALPACA_SAMPLE
 @dataclass
 class samsum_dataset:
     dataset: str = doc("samsum_dataset", "Data set name (fixed).")
-    data_path: str = doc("knkarthick/samsum", "A local folder holding train.json / val.json / test.json from the "
-                                              "SAMSum corpus, or a Hugging Face hub id (needs the network).")
-    train_split: str = doc("train", "Split used for training.")
+    data_path: str = doc("knkarthick/samsum", "A local folder holding train.json / val.json / test.json of the "
+                                              "SAMSum corpus (e.g. data/samsum), or a Hugging Face hub id (needs "
+                                              "the network).")
+    train_split: str = doc("train", "Split used for training: train, validation or test.")
     test_split: str = doc("validation", "Split used for evaluation ('validation' reads val.json in a local "
                                         "folder).")
 
@@ -22,11 +24,11 @@ class samsum_dataset:
 @dataclass
 class grammar_dataset:
     dataset: str = doc("grammar_dataset", "Data set name (fixed).")
-    train_split: str = doc("datasets/grammar/gtrain_10k.csv", "CSV with input,target columns for training "
-                                                               "(made by llama-recipes' grammar_dataset_process "
-                                                               "notebook from JFLEG + C4_200M).")
-    test_split: str = doc("datasets/grammar/grammar_validation.csv", "CSV with input,target columns for "
-                                                                     "evaluation.")
+    train_split: str = doc("data/grammar/gtrain_10k.csv", "CSV with input,target columns for training "
+                                                          "(made by llama-recipes' grammar_dataset_process "
+                                                          "notebook from JFLEG + C4_200M).")
+    test_split: str = doc("data/grammar/grammar_validation.csv", "CSV with input,target columns for "
+                                                                 "evaluation.")
 
 
 @dataclass
@@ -56,7 +58,8 @@ class custom_dataset:
 class chat_dataset:
     dataset: str = doc("chat_dataset", "Data set name (fixed).")
     data_path: str = doc("data/chat.jsonl", "JSON or JSONL file of records with 'messages' (list of {role, content}) "
-                                            "or 'prompt'/'completion' pairs.")
+                                            "or 'prompt'/'completion' pairs, rendered with the tokenizer's chat "
+                                            "template.")
     test_data_path: str = doc("", "Separate evaluation file; empty: a seeded 5% split of data_path.")
     train_split: str = doc("train", "'train' or 'val'.")
     test_split: str = doc("val", "'train' or 'val'.")

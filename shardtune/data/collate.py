@@ -1,4 +1,5 @@
-"""Collators: lists of samples -> padded tensors."""
+"""Collators: lists of samples -> batch tensors. Only the keys the model takes are used, so samples
+may carry extra columns (the cache's ``length`` and ``target_start``)."""
 from __future__ import annotations
 
 from typing import Dict, List
@@ -9,25 +10,25 @@ from shardtune.utils.loss import IGNORE_INDEX
 
 
 class PaddingCollator:
-    """Right-pads to the longest sample in the batch (after truncation to max_length); labels pad with -100."""
+    """Right-pads to the longest sample in the batch after truncation to max_length. Padding has
+    labels -100 and attention_mask 0."""
 
     def __init__(self, pad_token_id: int, max_length: int):
         self.pad_token_id = pad_token_id
         self.max_length = max_length
 
     def __call__(self, samples: List[dict]) -> Dict[str, torch.Tensor]:
-        samples = [{k: list(v)[: self.max_length] for k, v in s.items()} for s in samples]
-        width = max(len(s["input_ids"]) for s in samples)
-        out = {"input_ids": [], "labels": [], "attention_mask": []}
-        for s in samples:
-            pad = width - len(s["input_ids"])
-            out["input_ids"].append(s["input_ids"] + [self.pad_token_id] * pad)
-            out["labels"].append(s["labels"] + [IGNORE_INDEX] * pad)
-            out["attention_mask"].append(s.get("attention_mask", [1] * len(s["input_ids"])) + [0] * pad)
-        return {k: torch.tensor(v, dtype=torch.long) for k, v in out.items()}
+        ids = [list(s["input_ids"][: self.max_length]) for s in samples]
+        labels = [list(s["labels"][: self.max_length]) for s in samples]
+        width = max(len(x) for x in ids)
+        return {
+            "input_ids": torch.tensor([x + [self.pad_token_id] * (width - len(x)) for x in ids], dtype=torch.long),
+            "labels": torch.tensor([x + [IGNORE_INDEX] * (width - len(x)) for x in labels], dtype=torch.long),
+            "attention_mask": torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids], dtype=torch.long),
+        }
 
 
 def packed_collator(samples: List[dict]) -> Dict[str, torch.Tensor]:
     """Packed blocks all have the same length: stack them. No attention_mask: position_ids carry the
-    document boundaries."""
+    document boundaries (see data/packing.py)."""
     return {k: torch.tensor([s[k] for s in samples], dtype=torch.long) for k in ("input_ids", "labels", "position_ids")}

@@ -1,24 +1,107 @@
-"""Data set registry: ``--dataset NAME`` -> a builder ``fn(dataset_config, tokenizer, split)``.
+"""Data sets: name -> tokenised samples (input_ids and labels; labels -100 where no loss is taken).
 
-Every builder returns a sequence of dicts with ``input_ids``, ``attention_mask`` and ``labels`` (lists of
-ints, labels -100 where no loss is taken).
+Entry points used by finetuning.main: :func:`get_preprocessed_dataset` and
+:func:`get_custom_data_collator`. Built-in data sets are a pair of functions (see :class:`Builder`)
+so that tokenisation is done once and cached (datasets/cache.py); custom data sets are the user's
+own function (datasets/custom_dataset.py).
 """
-from shardtune.datasets.alpaca_dataset import get_alpaca_dataset
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from shardtune.datasets import alpaca_dataset, chat_dataset, custom_dataset, grammar_dataset, samsum_dataset
+from shardtune.datasets.cache import cached_tokenized, on_rank0
+from shardtune.datasets.common import target_start, tokenize_prompt_and_target
+from shardtune.utils.logging import log, warn
+
+
+@dataclass(frozen=True)
+class Builder:
+    load_examples: Callable  # (dataset_config, split) -> list of text examples, in a fixed order
+    tokenize: Callable       # (example, tokenizer, dataset_config) -> {"input_ids": [...], "labels": [...]}
+
 
 DATASET_PREPROC = {
-    "alpaca_dataset": get_alpaca_dataset,
+    "alpaca_dataset": Builder(alpaca_dataset.load_examples, tokenize_prompt_and_target),
+    "grammar_dataset": Builder(grammar_dataset.load_examples, tokenize_prompt_and_target),
+    "samsum_dataset": Builder(samsum_dataset.load_examples, tokenize_prompt_and_target),
+    "chat_dataset": Builder(chat_dataset.load_examples, chat_dataset.tokenize_chat),
 }
+CACHE_SUBDIR = "data_cache"
 
 
 def get_preprocessed_dataset(tokenizer, dataset_config, split: str = "train", train_config=None):
-    """The tokenised split ('train' -> dataset_config.train_split, anything else -> test_split)."""
+    """The tokenised split ('train' -> dataset_config.train_split, anything else -> test_split).
+
+    With a train_config, tokenisation is cached under ``<output_dir>/data_cache`` (rank 0 builds it,
+    the other ranks wait and read it) and samples left with no supervised token after truncation to
+    ``context_length`` are dropped with one warning.
+    """
     name = dataset_config.dataset
-    if name not in DATASET_PREPROC:
-        raise NotImplementedError(f"{name} is not implemented yet")
     which = dataset_config.train_split if split == "train" else dataset_config.test_split
-    return DATASET_PREPROC[name](dataset_config, tokenizer, which)
+    if name == "custom_dataset":
+        samples = _custom(dataset_config, tokenizer, which)
+    elif name in DATASET_PREPROC:
+        builder = DATASET_PREPROC[name]
+        cache_dir = Path(train_config.output_dir) / CACHE_SUBDIR if train_config is not None else None
+        samples = cached_tokenized(name, which, dataset_config, tokenizer, builder.load_examples, builder.tokenize,
+                                   cache_dir)
+    else:
+        raise NotImplementedError(f"{name} is not implemented")
+    if train_config is not None:
+        samples = drop_unsupervised(samples, train_config.context_length, f"{name} {which}")
+    return samples
 
 
 def get_custom_data_collator(tokenizer, dataset_config):
-    """A collator supplied by a custom data set file, or None for the built-in ones."""
-    return None
+    """The collator of a custom data set file (its collator hook), or None for the built-in collators."""
+    if dataset_config.dataset != "custom_dataset":
+        return None
+    return custom_dataset.get_data_collator(dataset_config, tokenizer)
+
+
+def _custom(dataset_config, tokenizer, split: str):
+    """Rank 0 calls the user's function first (so that any caching it does happens once), then the others."""
+    mine = {}
+
+    def first() -> None:
+        mine["data"] = custom_dataset.get_custom_dataset(dataset_config, tokenizer, split)
+
+    on_rank0(first)
+    return mine["data"] if "data" in mine else custom_dataset.get_custom_dataset(dataset_config, tokenizer, split)
+
+
+def drop_unsupervised(samples, context_length: int, what: str):
+    """Drop samples whose first supervised label lies beyond ``context_length`` (they would train on
+    nothing after truncation), with one warning giving the count."""
+    if getattr(samples, "column_names", None) and "target_start" in samples.column_names:
+        lengths = np.asarray(samples["length"])
+        starts = np.asarray(samples["target_start"])
+    else:
+        first = samples[0] if len(samples) else None
+        if not (isinstance(first, dict) and "labels" in first):
+            return samples  # a custom collator builds the labels: nothing to check here
+        labels = [samples[i]["labels"] for i in range(len(samples))]
+        lengths = np.asarray([len(x) for x in labels])
+        starts = np.asarray([target_start(x) for x in labels])
+    keep = starts < np.minimum(lengths, context_length)
+    truncated = int((lengths[keep] > context_length).sum())
+    if truncated:
+        log(f"--> {what}: {truncated} of {int(keep.sum())} samples are longer than context_length={context_length} "
+            "and are truncated")
+    if keep.all():
+        return samples
+    warn(f"{what}: dropped {int((~keep).sum())} of {len(keep)} samples that have no supervised token within "
+         f"context_length={context_length} (the prompt fills it); raise --context_length to keep them")
+    kept = np.flatnonzero(keep).tolist()
+    if hasattr(samples, "select"):  # datasets.Dataset
+        return samples.select(kept)
+    if isinstance(samples, list):
+        return [samples[i] for i in kept]
+    from torch.utils.data import Subset
+
+    return Subset(samples, kept)

@@ -1,16 +1,14 @@
 """Stanford Alpaca instruction data (JSON list of {instruction, input, output}).
 
-Prompt templates are the reference's. Prompt and response are tokenised separately and joined, so
-the label mask always falls exactly on the response (the reference tokenised prompt and
-prompt+response separately, and the two could disagree at the boundary).
+Prompt templates are the reference's; the target is ``output``. The validation split is a fixed,
+seeded 5% of the records (the reference took the first 5%, unshuffled).
 """
 from __future__ import annotations
 
-import json
-import random
-from pathlib import Path
+from typing import List
 
-from shardtune.datasets.common import data_error, tokenize_prompt_and_target
+from shardtune.datasets.common import drop_empty, read_json_records, require_file, split_records
+from shardtune.utils.config_utils import ConfigError
 
 PROMPT_WITH_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "
@@ -22,40 +20,25 @@ PROMPT_NO_INPUT = (
     "Write a response that appropriately completes the request.\n\n"
     "### Instruction:\n{instruction}\n\n### Response:"
 )
-VAL_FRACTION = 0.05
-SPLIT_SEED = 42
+FLAG = "--alpaca_dataset.data_path"
+SOURCE = "your copy of alpaca_data.json from https://github.com/tatsu-lab/stanford_alpaca"
+FORMAT = "a JSON list of {instruction, input, output} records"
 
 
 def format_prompt(record: dict) -> str:
     if record.get("input"):
-        return PROMPT_WITH_INPUT.format_map(record)
-    return PROMPT_NO_INPUT.format_map(record)
+        return PROMPT_WITH_INPUT.format(instruction=record["instruction"], input=record["input"])
+    return PROMPT_NO_INPUT.format(instruction=record["instruction"])
 
 
-def load_records(path: str) -> list:
-    p = Path(path)
-    if not p.is_file():
-        raise data_error("--alpaca_dataset.data_path", path,
-                         "alpaca_data.json from https://github.com/tatsu-lab/stanford_alpaca")
-    records = json.loads(p.read_text(encoding="utf-8"))
-    if not isinstance(records, list) or not all(isinstance(r, dict) and "instruction" in r and "output" in r
-                                                for r in records[:10]):
-        raise data_error("--alpaca_dataset.data_path", path, "a JSON list of {instruction, input, output} records",
-                         problem="is not")
+def load_records(path: str) -> List[dict]:
+    records = read_json_records(require_file(path, FLAG, SOURCE), FLAG, FORMAT)
+    if not all("instruction" in r and "output" in r for r in records):
+        raise ConfigError(f"{FLAG}: {path} is not {FORMAT}")
     return records
 
 
-def split_records(records: list, split: str) -> list:
-    """A fixed, seeded 5% validation split; 'train' is the rest (in the original order)."""
-    order = list(range(len(records)))
-    random.Random(SPLIT_SEED).shuffle(order)
-    n_val = max(1, int(len(records) * VAL_FRACTION))
-    val_ids = set(order[:n_val])
-    if split == "train":
-        return [r for i, r in enumerate(records) if i not in val_ids]
-    return [r for i, r in enumerate(records) if i in val_ids]
-
-
-def get_alpaca_dataset(dataset_config, tokenizer, split: str):
-    records = split_records(load_records(dataset_config.data_path), split)
-    return [tokenize_prompt_and_target(tokenizer, format_prompt(r), r["output"]) for r in records]
+def load_examples(dataset_config, split: str) -> List[dict]:
+    records = split_records(load_records(dataset_config.data_path), split, "--alpaca_dataset.train_split/test_split")
+    records = drop_empty(records, ("instruction", "output"), f"alpaca_dataset {split}")
+    return [{"prompt": format_prompt(r), "target": r["output"]} for r in records]

@@ -30,10 +30,14 @@ def export_pretrained(lm, tokenizer, out_dir: Path, state_dict: Optional[dict] =
             lm.save_pretrained(tmp, **kwargs)
         else:
             sd = state_dict if state_dict is not None else lm.state_dict()
+            train_dtype = getattr(lm.config, "dtype", None)
             if dtype is not None:
                 sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
-                lm.config.dtype = dtype
-            lm.save_pretrained(tmp, state_dict=sd)
+                lm.config.dtype = dtype  # config.json states the dtype the weights are written in
+            try:
+                lm.save_pretrained(tmp, state_dict=sd)
+            finally:
+                lm.config.dtype = train_dtype
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
     return Path(out_dir)

@@ -15,9 +15,10 @@ of a sequence of length T::
   discount. Recomputation (activation checkpointing, flash attention's backward) is not counted.
 
 Measured count: :class:`FlopCounter` runs ``torch.utils.flop_counter.FlopCounterMode`` over exactly one
-optimizer step (forward, backward, optimizer) after --flop_counter_start warm-up steps, with the device
-synchronised at both ends. It counts the matmuls that were dispatched, so it *does* see recomputation and
-the skipped weight gradients of frozen layers. The SDPA formulas are replaced by grouped-query-aware ones
+optimizer step (forward, backward, optimizer) after --flop_counter_start warm-up steps, and times the next
+step without the counter (which slows the step it watches), with the device synchronised at both ends. It
+counts the matmuls that were dispatched, so it *does* see recomputation and the skipped weight gradients of
+frozen layers. The SDPA formulas are replaced by grouped-query-aware ones
 that also cover PyTorch's CPU flash kernel (see :func:`sdpa_flop_formulas`).
 """
 from __future__ import annotations
@@ -176,11 +177,17 @@ def synchronize(device: torch.device) -> None:
 # Counting one real training step
 # ---------------------------------------------------------------------------------------------
 class FlopCounter(StepObserver):
-    """--flop_counter: count FLOPs of step ``start + 1`` (after ``start`` warm-up steps) and report them.
+    """--flop_counter: count the FLOPs of step ``start + 1`` (after ``start`` warm-up steps), time the step
+    after it, and report TFLOP/s per GPU, MFU and the comparison with the analytic count.
 
-    The window opens when that step starts and closes when it ends, so it holds exactly one forward,
-    backward and optimizer step; the device is synchronised before both ends so that the time is the
-    step's. On several ranks the counts and times are averaged (each rank counts its own work).
+    Counting: FlopCounterMode is entered when step ``start + 1`` starts and left when it ends, so it holds
+    exactly one forward, backward and optimizer step of every micro-batch. Timing: the counter intercepts
+    every op in Python, which slows a GPU step several-fold, so the time comes from the *next* step, run
+    without the counter, with the device synchronised at both ends; its FLOPs are the counted ones scaled by
+    the analytic ratio of the two steps (1 when the shapes are equal, as with packing). When the run ends
+    right after the counted step, that step's own (slowed) time is used and the report says so. On several
+    ranks counts and times are averaged (each rank counts its own work); every rank calls this at the same
+    step, so the all-reduce is safe.
     """
 
     def __init__(self, start: int, device: torch.device, model_flops: Optional[ModelFlops] = None,
@@ -191,43 +198,65 @@ class FlopCounter(StepObserver):
         self.peak_tflops = peak_tflops
         self._mode = None
         self._t0 = 0.0
+        self._counted: Optional[dict] = None  # after the counted step: flops, seconds, record
+        self._timing = False
         self.result: Optional[dict] = None
 
     def on_step_start(self, state) -> None:
-        if self.result is None and self._mode is None and state.step == self.start:
+        if self.result is not None:
+            return
+        if self._counted is None and self._mode is None and state.step == self.start:
             synchronize(self.device)
             self._mode = flop_counter_mode()
             self._mode.__enter__()
             self._t0 = time.perf_counter()
+        elif self._counted is not None:  # the step after the counted one: time it undisturbed
+            synchronize(self.device)
+            self._timing = True
+            self._t0 = time.perf_counter()
 
     def on_step_end(self, state, record: dict) -> None:
-        if self._mode is None:
-            return
-        synchronize(self.device)
-        seconds = time.perf_counter() - self._t0
-        self._mode.__exit__(None, None, None)
-        flops = float(self._mode.get_total_flops())
-        by_module = {k: sum(v.values()) for k, v in self._mode.get_flop_counts().items()}
-        self._mode = None
-        world = distributed.info().world_size
-        totals = distributed.all_reduce_sum(torch.tensor([flops, seconds], dtype=torch.float64,
-                                                         device=self.device)).tolist()
-        flops, seconds = totals[0] / world, totals[1] / world
-        self.result = self._report(state.step, flops, seconds, record, world, by_module)
+        if self._mode is not None:
+            synchronize(self.device)
+            seconds = time.perf_counter() - self._t0
+            self._mode.__exit__(None, None, None)
+            flops = float(self._mode.get_total_flops())
+            self._mode = None
+            world = distributed.info().world_size
+            flops, seconds = (v / world for v in distributed.all_reduce_sum(
+                torch.tensor([flops, seconds], dtype=torch.float64, device=self.device)).tolist())
+            self._counted = {"flops": flops, "seconds": seconds, "record": dict(record)}
+        elif self._timing:
+            synchronize(self.device)
+            world = distributed.info().world_size
+            seconds = distributed.all_reduce_sum(torch.tensor(time.perf_counter() - self._t0, dtype=torch.float64,
+                                                              device=self.device)).item() / world
+            self._timing = False
+            counted = self._counted
+            scale = (record["model_flops"] / counted["record"]["model_flops"]
+                     if record.get("model_flops") and counted["record"].get("model_flops") else 1.0)
+            self.result = self._report(counted["record"], counted["flops"], counted["seconds"],
+                                       timed_step=state.step, timed_flops=counted["flops"] * scale, seconds=seconds)
 
-    def _report(self, step: int, flops: float, seconds: float, record: dict, world: int, by_module) -> dict:
-        tflops = flops / max(seconds, 1e-12) / 1e12
-        result = {"step": step, "measured_flops": flops, "seconds": seconds, "tflops_per_gpu": tflops,
+    def _report(self, record: dict, flops: float, counted_seconds: float, timed_step: Optional[int],
+                timed_flops: float, seconds: float) -> dict:
+        world = distributed.info().world_size
+        step = record["step"]
+        tflops = timed_flops / max(seconds, 1e-12) / 1e12
+        result = {"step": step, "measured_flops": flops, "counted_step_seconds": counted_seconds,
+                  "timed_step": timed_step, "seconds": seconds, "tflops_per_gpu": tflops,
                   "mfu": tflops / self.peak_tflops if self.peak_tflops else None}
-        lines = [f"--> FLOP counter, step {step}: {flops / 1e12:.4g} TFLOP per GPU in {seconds:.3f} s = "
-                 f"{tflops:.3g} TFLOP/s per GPU" + (f", MFU {100 * result['mfu']:.1f}% of "
-                                                   f"{self.peak_tflops:g}" if self.peak_tflops else "")]
+        timing = (f"step {timed_step} (run without the counter) took {seconds:.3f} s" if timed_step is not None
+                  else f"timed under the counter, which slows the step: {seconds:.3f} s")
+        lines = [f"--> FLOP counter: step {step} = {flops / 1e12:.4g} TFLOP per GPU (forward, backward, optimizer); "
+                 f"{timing} -> {tflops:.4g} TFLOP/s per GPU"
+                 + (f", MFU {100 * result['mfu']:.1f}% of {self.peak_tflops:g}" if self.peak_tflops else "")]
         analytic = record.get("model_flops")
         if analytic:
             analytic /= world
             result["analytic_flops"] = analytic
             result["ratio"] = flops / analytic
-            lines.append(f"    analytic (6N + 12LHQT per input token): {analytic / 1e12:.4g} TFLOP per GPU; "
+            lines.append(f"    analytic count (6N + 12LHQT per input token): {analytic / 1e12:.4g} TFLOP per GPU; "
                          f"measured / analytic = {result['ratio']:.3f}")
             mf = self.model_flops
             unsupervised = record.get("input_tokens", 0) - record.get("tokens", 0)
@@ -235,20 +264,21 @@ class FlopCounter(StepObserver):
                 # the loss applies the output layer only where a label is supervised (utils/loss.py)
                 expected = analytic - mf.head_flops_per_token() * unsupervised / world
                 result["expected_flops"] = expected
-                lines.append(f"    with the output layer at supervised positions only: {expected / 1e12:.4g} "
+                lines.append(f"    analytic with the output layer at supervised positions only: {expected / 1e12:.4g} "
                              f"TFLOP; measured / that = {flops / expected:.3f}")
-        top = sorted(((k, v) for k, v in by_module.items() if k != "Global"), key=lambda kv: -kv[1])[:6]
-        if top:
-            lines.append("    by module: " + ", ".join(f"{k} {v / 1e12:.3g}T" for k, v in top))
-        lines.append("    (measured counts dispatched matmuls, incl. recomputation and attention kernels' "
-                     "backward recompute; see docs/observability.md)")
+        lines.append("    (the count includes recomputation: fused attention recomputes QK^T in the backward; "
+                     "see docs/observability.md)")
         log("\n".join(lines))
         return result
 
     def close(self) -> None:
-        if self._mode is not None:  # the run ended inside the window: nothing to report
+        if self._mode is not None:  # the run ended inside the counted step
             self._mode.__exit__(None, None, None)
             self._mode = None
+        if self.result is None and self._counted is not None:  # no step after the counted one
+            c = self._counted
+            self.result = self._report(c["record"], c["flops"], c["seconds"], timed_step=None,
+                                       timed_flops=c["flops"], seconds=c["seconds"])
         if self.result is None:
             warn(f"--flop_counter: the run ended before step {self.start + 1}; nothing was counted")
 

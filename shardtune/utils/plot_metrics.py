@@ -123,22 +123,25 @@ def plot(path, out_dir=None) -> List[Path]:
             save(fig, f"{metric}_by_epoch")
 
     if steps and any(r.get("tokens_per_s") is not None for r in steps):
-        fig, ax = plt.subplots(figsize=(8, 4.5))
+        # two panels sharing the step axis: at a fixed sequence length MFU is proportional to tokens/s, so
+        # one twin-axis plot would draw one line over the other
+        key, label, scale = (("mfu", "MFU (%)", 100.0) if any(r.get("mfu") is not None for r in steps)
+                             else ("tflops", "TFLOP/s per GPU", 1.0))
+        has_second = any(r.get(key) is not None for r in steps)
+        fig, axes = plt.subplots(2 if has_second else 1, 1, figsize=(8, 6 if has_second else 4.5), sharex=True,
+                                 squeeze=False)
         xs = [r["step"] for r in steps]
-        ax.plot(xs, _finite([r.get("tokens_per_s") for r in steps]), color="tab:green", label="tokens/s per GPU")
-        ax.set(xlabel="optimizer step", ylabel="input tokens/s per GPU", title="throughput by step")
-        ax.grid(alpha=0.3)
-        second = ("mfu", "MFU (%)", 100.0) if any(r.get("mfu") is not None for r in steps) else \
-            ("tflops", "TFLOP/s per GPU", 1.0)
-        if any(r.get(second[0]) is not None for r in steps):
-            ax2 = ax.twinx()
-            ax2.plot(xs, _finite([None if r.get(second[0]) is None else r[second[0]] * second[2] for r in steps]),
-                     color="tab:red", linewidth=1.0, label=second[1])
-            ax2.set_ylabel(second[1])
-            lines = ax.get_lines() + ax2.get_lines()
-            ax.legend(lines, [ln.get_label() for ln in lines])
-        else:
-            ax.legend()
+        top = axes[0][0]
+        top.plot(xs, _finite([r.get("tokens_per_s") for r in steps]), color="tab:green", linewidth=1.0)
+        top.set(ylabel="input tokens/s per GPU", title="throughput by step")
+        top.grid(alpha=0.3)
+        if has_second:
+            bottom = axes[1][0]
+            bottom.plot(xs, _finite([None if r.get(key) is None else r[key] * scale for r in steps]),
+                        color="tab:red", linewidth=1.0)
+            bottom.set(ylabel=label)
+            bottom.grid(alpha=0.3)
+        axes[-1][0].set_xlabel("optimizer step")
         save(fig, "throughput_by_step")
     return written
 

@@ -34,6 +34,8 @@ class TrainState:
     batches_in_epoch: int = 0      # micro-batches of the current epoch already consumed
     best_eval_loss: float = math.inf
     tokens_seen: int = 0           # supervised tokens trained on, all ranks
+    epoch_loss_sum: float = 0.0    # this epoch's summed loss and supervised tokens so far, so that a
+    epoch_tokens: float = 0.0      # resumed epoch reports the same epoch loss as an uninterrupted one
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -56,6 +58,9 @@ class TrainContext:
     observers: List[StepObserver] = field(default_factory=list)
     model_flops: Optional[object] = None  # utils/flop_utils.ModelFlops: analytic FLOPs for TFLOP/s and MFU
     peak_tflops: Optional[float] = None   # accelerator dense bf16 peak (utils/mfu.py); None: no MFU
+    # resume mid-epoch: restores the checkpoint's RNG state once the epoch's data iterator exists
+    # (creating it draws a seed from the global RNG, as it did before the checkpoint was taken)
+    restore_rng: Optional[Callable[[], None]] = None
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
@@ -104,11 +109,14 @@ def train(model, train_loader, eval_loader, optimizer, lr_scheduler, ctx: TrainC
         model.train()
         memory.start_epoch()
         epoch_start = time.perf_counter()
-        epoch_loss_sum = torch.zeros((), dtype=torch.float64, device=ctx.device)
-        epoch_tokens = torch.zeros((), dtype=torch.float64, device=ctx.device)
+        epoch_loss_sum = torch.tensor(state.epoch_loss_sum, dtype=torch.float64, device=ctx.device)  # 0 unless
+        epoch_tokens = torch.tensor(state.epoch_tokens, dtype=torch.float64, device=ctx.device)      # resumed
         batches = iter(train_loader)
         for _ in range(state.batches_in_epoch):  # resume mid-epoch: skip what was already trained on
             next(batches)
+        if ctx.restore_rng is not None:
+            ctx.restore_rng()
+            ctx.restore_rng = None
         steps_in_epoch = math.ceil(len(train_loader) / ga)
         pbar = tqdm(total=steps_in_epoch, initial=state.batches_in_epoch // ga, desc=f"Training epoch {epoch + 1}/"
                     f"{t.num_epochs}", dynamic_ncols=True, disable=not distributed.is_main())
@@ -165,6 +173,8 @@ def train(model, train_loader, eval_loader, optimizer, lr_scheduler, ctx: TrainC
             state.step += 1
             state.batches_in_epoch += len(micro_batches)
             state.tokens_seen += int(global_tokens)
+            state.epoch_loss_sum += global_loss_sum
+            state.epoch_tokens += global_tokens
             step_time = time.perf_counter() - step_start
             lr = optimizer.param_groups[0]["lr"]
             # 5. Throughput per GPU (process): all input tokens, padding included, and analytic TFLOP/s; MFU
@@ -197,14 +207,16 @@ def train(model, train_loader, eval_loader, optimizer, lr_scheduler, ctx: TrainC
         train_loss = float(epoch_loss_sum / epoch_tokens.clamp(min=1))
         epoch_train_losses.append(train_loss)
         epoch_times.append(time.perf_counter() - epoch_start)
-        lr_scheduler.step()
+        epoch_done = state.batches_in_epoch >= len(train_loader)
+        if epoch_done:  # an epoch cut short by max_train_step keeps its LR, so resuming it continues exactly
+            lr_scheduler.step()
         eval_loss = None
         if eval_loader is not None and t.run_validation:
             eval_loss = evaluate(model, eval_loader, ctx, state)
             epoch_eval_losses.append(eval_loss)
-        epoch_done = state.batches_in_epoch >= len(train_loader)
         if epoch_done:
             state.epoch, state.batches_in_epoch = epoch + 1, 0
+            state.epoch_loss_sum, state.epoch_tokens = 0.0, 0.0
         improved = eval_loss is not None and eval_loss < state.best_eval_loss
         if improved:
             state.best_eval_loss = eval_loss

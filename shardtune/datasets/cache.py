@@ -1,0 +1,135 @@
+"""Tokenise once: an Arrow cache file keyed on everything that decides the tokens, written by rank 0.
+
+Rank 0 reads the source, computes the key, and tokenises only when no cache file has that key
+(``datasets.Dataset.map`` writes the file atomically). The other ranks wait for rank 0 (a broadcast
+of the file's path, which doubles as the barrier) and memory-map the same file. The cache lives
+under ``<output_dir>/data_cache`` because that folder is shared between nodes in multi-node runs
+(checkpoints need that too); a node that cannot see the file tokenises for itself, with a warning.
+
+The key covers: a code version, the data set name and split, its config, the text of every example
+(so edited data files and templates invalidate it) and the tokenizer's full definition.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Callable, List, Optional
+
+import torch.distributed as dist
+
+from shardtune.datasets.common import target_start
+from shardtune.utils import distributed
+from shardtune.utils.config_utils import ConfigError
+from shardtune.utils.logging import log
+
+CACHE_VERSION = 1  # bump whenever tokenisation code changes the tokens it produces
+COLUMNS = ("input_ids", "labels", "length", "target_start")
+
+
+def _features():
+    from datasets import Features, Sequence, Value
+
+    return Features({"input_ids": Sequence(Value("int32")), "labels": Sequence(Value("int32")),
+                     "length": Value("int32"), "target_start": Value("int32")})
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """A hash of the tokenizer's full definition (vocabulary, merges, normaliser, special tokens, template)."""
+    h = hashlib.sha256()
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        h.update(backend.to_str().encode())
+    else:  # e.g. a sentencepiece tokenizer: hash the pickled object as datasets does
+        from datasets.fingerprint import Hasher
+
+        h.update(Hasher.hash(tokenizer).encode())
+    extra = [type(tokenizer).__name__, tokenizer.bos_token_id, tokenizer.eos_token_id,
+             getattr(tokenizer, "chat_template", None)]
+    h.update(json.dumps(extra, sort_keys=True, default=str).encode())
+    return h.hexdigest()
+
+
+def cache_key(name: str, split: str, dataset_config, tokenizer, examples: List[dict]) -> str:
+    h = hashlib.sha256()
+    config = dataclasses.asdict(dataset_config) if dataclasses.is_dataclass(dataset_config) else vars(dataset_config)
+    h.update(json.dumps([CACHE_VERSION, name, split, config], sort_keys=True, default=str).encode())
+    h.update(tokenizer_fingerprint(tokenizer).encode())
+    for example in examples:
+        h.update(json.dumps(example, sort_keys=True, ensure_ascii=False).encode())
+    return h.hexdigest()
+
+
+def tokenize_examples(examples: List[dict], tokenize: Callable, tokenizer, dataset_config, *,
+                      cache_file: Optional[Path] = None, fingerprint: str = "", desc: str = "Tokenizing"):
+    """A datasets.Dataset with input_ids, labels, length and target_start (see common.target_start).
+
+    The map runs over example indices, so examples may hold any Python objects (chat messages).
+    """
+    from datasets import Dataset
+
+    def tokenize_batch(batch):
+        rows = [tokenize(examples[i], tokenizer, dataset_config) for i in batch["i"]]
+        return {"input_ids": [r["input_ids"] for r in rows], "labels": [r["labels"] for r in rows],
+                "length": [len(r["input_ids"]) for r in rows], "target_start": [target_start(r["labels"]) for r in rows]}
+
+    index = Dataset.from_dict({"i": list(range(len(examples)))})
+    return index.map(tokenize_batch, batched=True, batch_size=1000, remove_columns=["i"], features=_features(),
+                     cache_file_name=str(cache_file) if cache_file else None, keep_in_memory=cache_file is None,
+                     new_fingerprint=fingerprint or None, desc=desc)
+
+
+def on_rank0(fn: Callable[[], object]):
+    """Run ``fn`` on rank 0 only and return its (picklable) result on every rank; the other ranks wait.
+
+    If rank 0 fails, the other ranks raise too (with rank 0's message) instead of hanging in a barrier.
+    """
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return fn()
+    if dist.get_rank() == 0:
+        try:
+            result = fn()
+        except BaseException as exc:
+            distributed.broadcast_object(("error", type(exc).__name__, str(exc).splitlines()[0] if str(exc) else ""))
+            raise
+        distributed.broadcast_object(("ok", result))
+        return result
+    reply = distributed.broadcast_object(None)
+    if reply[0] == "error":
+        error = ConfigError if reply[1] == "ConfigError" else RuntimeError
+        raise error(f"rank 0 failed to prepare the data: {reply[1]}: {reply[2]}")
+    return reply[1]
+
+
+def cached_tokenized(name: str, split: str, dataset_config, tokenizer, load_examples: Callable,
+                     tokenize: Callable, cache_dir: Optional[Path]):
+    """The tokenised split, from the cache when present. Without cache_dir every process tokenises in memory."""
+    from datasets import Dataset
+
+    if cache_dir is None:
+        return tokenize_examples(load_examples(dataset_config, split), tokenize, tokenizer, dataset_config,
+                                 desc=f"Tokenizing {name} {split}")
+
+    def build() -> str:
+        examples = load_examples(dataset_config, split)
+        key = cache_key(name, split, dataset_config, tokenizer, examples)
+        slug = re.sub(r"[^\w.-]+", "_", Path(split).name)
+        path = Path(cache_dir) / f"{name}-{slug}-{key[:16]}.arrow"
+        if path.is_file():
+            log(f"--> {name} {split}: tokenised cache {path}")
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tokenize_examples(examples, tokenize, tokenizer, dataset_config, cache_file=path, fingerprint=key,
+                              desc=f"Tokenizing {name} {split}")
+            log(f"--> {name} {split}: tokenised {len(examples)} examples into {path}")
+        return str(path)
+
+    path = on_rank0(build)
+    if not Path(path).is_file():  # another node, whose output_dir is not shared with rank 0's
+        print(f"warning: [rank {distributed.info().rank}] {path} is not visible on this node "
+              "(output_dir not shared?): tokenising here", file=sys.stderr, flush=True)
+        path = build()
+    return Dataset.from_file(path)

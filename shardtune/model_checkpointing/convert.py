@@ -1,0 +1,144 @@
+"""Turn a training checkpoint into something plain Hugging Face code loads.
+
+    python -m shardtune.model_checkpointing.convert --checkpoint DIR --output OUT [--model_name BASE]
+
+* DIR: a checkpoint folder (``.../step_000120``) or a checkpoint root (its newest checkpoint is used).
+* Full fine-tuning -> a Hugging Face folder (safetensors, config, tokenizer):
+  ``AutoModelForCausalLM.from_pretrained(OUT)``.
+* PEFT runs -> a PEFT adapter folder: ``PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(BASE), OUT)``.
+* BASE defaults to the run's --model_name (from the checkpoint's run_config.yaml); give it when the
+  base model has moved. Sharded checkpoints hold only trained weights; frozen ones come from BASE.
+* ``--dtype`` (default: the base checkpoint's dtype, as the training run's own export) casts the
+  written weights of a full model; adapters keep their training dtype.
+
+Runs in one process on the CPU, without torchrun: torch.distributed.checkpoint reads the shards of
+any number of ranks into one unsharded model.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from shardtune.utils.config_utils import ConfigError
+
+
+def _resolve_checkpoint(path: Path) -> Path:
+    from shardtune.model_checkpointing.checkpoint import STATE_FILE, is_complete, latest_checkpoint
+
+    if path.is_dir() and not (path / STATE_FILE).is_file():
+        latest = latest_checkpoint(path)
+        if latest is not None:
+            return latest
+    if not is_complete(path):
+        raise ConfigError(f"--checkpoint: {path} is not a complete checkpoint (a step_* folder with {STATE_FILE}) "
+                          f"nor a folder holding one")
+    return path
+
+
+def _dtype(name: Optional[str], default: torch.dtype) -> torch.dtype:
+    if not name or name == "auto":
+        return default
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if name not in table:
+        raise ConfigError(f"--dtype: expected auto | float32 | bfloat16 | float16, got {name!r}")
+    return table[name]
+
+
+def convert(checkpoint: Path, output: Path, model_name: Optional[str] = None, dtype: Optional[str] = None) -> Path:
+    """Write the checkpoint's model (or adapter) to ``output``; returns ``output``."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
+
+    from shardtune.configs.fsdp import StateDictType
+    from shardtune.model_checkpointing.checkpoint import read_state
+    from shardtune.model_checkpointing.export import export_pretrained
+    from shardtune.utils.config_utils import parse_cli
+    from shardtune.utils.loss import CausalLMWithLoss
+    from shardtune.utils.model_utils import (ModelSource, load_model, load_model_config, load_tokenizer,
+                                             maybe_resize_embeddings)
+
+    checkpoint = _resolve_checkpoint(Path(checkpoint))
+    info = read_state(checkpoint)
+    overrides = {"config": str(checkpoint / "run_config.yaml")}
+    if model_name:
+        overrides["model_name"] = model_name
+    run = parse_cli(overrides)
+    t = run.train
+    base_config = load_model_config(ModelSource.parse(t.model_name))
+    base_dtype = getattr(base_config, "dtype", None) or torch.float32
+    base_dtype = getattr(torch, base_dtype) if isinstance(base_dtype, str) else base_dtype
+    out_dtype = _dtype(dtype, base_dtype)
+    ckpt_type = StateDictType[info["checkpoint_type"]]
+    print(f"--> converting {checkpoint} (step {info['train_state']['step']}, {ckpt_type.name}, "
+          f"{'PEFT ' + str(info.get('peft_method')) if info.get('use_peft') else 'full model'})")
+
+    if ckpt_type is StateDictType.FULL_STATE_DICT:
+        # Already a Hugging Face / PEFT folder in the training dtype: load it and write it in out_dtype.
+        src = checkpoint / "model"
+        tokenizer = load_tokenizer(str(src))
+        if info.get("use_peft"):
+            import shutil
+
+            from shardtune.utils.io import atomic_directory
+
+            with atomic_directory(output) as tmp:
+                shutil.copytree(src, tmp, dirs_exist_ok=True)
+            return Path(output)
+        from transformers import AutoModelForCausalLM
+
+        lm = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+        return export_pretrained(lm, tokenizer, output, dtype=out_dtype)
+
+    # SHARDED_STATE_DICT: rebuild the training model from the base, then read the trained weights.
+    from shardtune.utils.config_utils import resolve_precision
+
+    # The checkpoint holds the master weights: bf16 for bf16_pure, fp32 for every other mode.
+    precision = "bf16_pure" if resolve_precision(run, torch.device("cpu")) == "bf16_pure" else "fp32"
+    tokenizer = load_tokenizer(t.tokenizer_name or t.model_name)
+    lm = load_model(t.model_name, precision, torch.device("cpu"))
+    maybe_resize_embeddings(lm, tokenizer)
+    if info.get("use_peft"):
+        from shardtune.utils.peft_utils import apply_peft
+
+        if t.from_peft_checkpoint and not Path(t.from_peft_checkpoint).is_dir():
+            t.from_peft_checkpoint = ""  # the adapter's structure comes from the run's PEFT config instead
+        lm = apply_peft(lm, run)
+    model = CausalLMWithLoss(lm)
+    if precision == "bf16_pure":
+        from shardtune.utils.fsdp_utils import cast_parameters
+
+        cast_parameters(model, torch.bfloat16)
+    options = StateDictOptions(ignore_frozen_params=True)
+    state = {"model": get_model_state_dict(model, options=options)}
+    dcp.load(state, checkpoint_id=str(checkpoint))
+    set_model_state_dict(model, state["model"], options=StateDictOptions(ignore_frozen_params=True, strict=False))
+    out = export_pretrained(lm, tokenizer, output, dtype=None if info.get("use_peft") else out_dtype)
+    return out
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m shardtune.model_checkpointing.convert",
+                                     description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", required=True, help="checkpoint folder (step_*) or checkpoint root")
+    parser.add_argument("--output", required=True, help="folder to write the Hugging Face model / PEFT adapter to")
+    parser.add_argument("--model_name", default=None, help="base model (default: the run's --model_name)")
+    parser.add_argument("--dtype", default="auto", help="auto (the base model's) | float32 | bfloat16 | float16")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    try:
+        out = convert(Path(args.checkpoint), Path(args.output), args.model_name, args.dtype)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"--> wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,329 @@
+"""Observability (issue 5): log line, analytic and counted FLOPs, MFU peaks, memory report, profiler trace,
+metrics file and its plots, W&B (offline) and TensorBoard. All on CPU with tiny models.
+
+Tolerance of the FLOP comparison: with eager attention the counted FLOPs of a full fine-tuning step equal
+the analytic 6N + 12LHQT count exactly once the output layer is charged only at supervised positions (our
+loss skips the others); the test allows 1%.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from shardtune.utils.metrics import format_step_line, read_metrics
+
+FLOP_TOLERANCE = 0.01
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------------------------
+def _tiny_alpaca(tmp_path: Path, n: int = 40) -> str:
+    """The first n records of the bundled Alpaca sample: a couple of optimizer steps per epoch."""
+    from shardtune.configs.paths import BUNDLED_ALPACA_SAMPLE
+
+    records = json.loads(Path(BUNDLED_ALPACA_SAMPLE).read_text())[:n]
+    path = tmp_path / "alpaca_small.json"
+    path.write_text(json.dumps(records))
+    return str(path)
+
+
+def _load_lm(model_dir, attn="eager"):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation=attn, dtype=torch.float32)
+
+
+def _count_step(model, ids, labels):
+    """Counted FLOPs of one forward + backward, with the analytic ModelFlops of the model."""
+    from shardtune.utils.flop_utils import count_model_flops, flop_counter_mode
+
+    model_flops = count_model_flops(model)
+    with flop_counter_mode() as counter:
+        out = model(input_ids=ids, labels=labels)
+        out.loss_sum.backward()
+    return counter.get_total_flops(), model_flops
+
+
+# ---------------------------------------------------------------------------------------------
+# Analytic FLOPs, peaks, MFU
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name,geometry,seq,expected_gflops", [
+    # peers.md §5.3 (torchtitan formula, non-causal): Llama 3.1 8B and 3.2 1B (tied embeddings)
+    ("llama-3.1-8b", dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                          num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False), 2048, 48.3),
+    ("llama-3.1-8b", dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                          num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False), 8192, 57.9),
+    ("llama-3.2-1b", dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                          num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True), 2048, 8.22),
+])
+def test_analytic_flops_match_published_llama3_numbers(name, geometry, seq, expected_gflops):
+    """Built on the meta device (no memory): 6N + 12LHQT per token, N = linear weights incl. the output layer."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from shardtune.utils.flop_utils import count_model_flops
+
+    with torch.device("meta"):
+        model = LlamaForCausalLM(LlamaConfig(**geometry))
+    mf = count_model_flops(model)
+    assert mf.frozen_matrix_params == 0 and mf.num_heads == geometry["num_attention_heads"]
+    assert mf.per_token(seq) / 1e9 == pytest.approx(expected_gflops, rel=0.005)
+
+
+def test_peak_table_and_mfu():
+    from shardtune.utils.mfu import lookup_peak_tflops, mfu, peak_tflops_for
+
+    assert lookup_peak_tflops("NVIDIA H100 80GB HBM3") == 989
+    assert lookup_peak_tflops("NVIDIA H100 PCIe") == 756
+    assert lookup_peak_tflops("NVIDIA H100 NVL") == 835
+    assert lookup_peak_tflops("NVIDIA H200") == 989
+    assert lookup_peak_tflops("NVIDIA A100-SXM4-80GB") == 312
+    assert lookup_peak_tflops("NVIDIA L40S") == 362
+    assert lookup_peak_tflops("NVIDIA A10G") == 125
+    assert lookup_peak_tflops("Some Future GPU") is None
+    peak, note = peak_tflops_for(torch.device("cpu"))
+    assert peak is None and "without MFU" in note
+    assert peak_tflops_for(torch.device("cpu"), 2.5)[0] == 2.5  # --peak_tflops overrides
+    assert mfu(400.0, 989.0) == pytest.approx(0.4044, abs=1e-4) and mfu(1.0, None) is None
+
+
+# ---------------------------------------------------------------------------------------------
+# Counted FLOPs
+# ---------------------------------------------------------------------------------------------
+def test_flop_counter_matches_analytic_formula_eager_gqa(tiny_llama_dir):
+    """Full fine-tuning, eager attention, GQA tiny Llama: counted == analytic within FLOP_TOLERANCE."""
+    from shardtune.utils.loss import CausalLMWithLoss
+
+    model = CausalLMWithLoss(_load_lm(tiny_llama_dir, "eager"))
+    ids = torch.randint(3, 200, (2, 64))
+    measured, mf = _count_step(model, ids, ids.clone())
+    assert mf.num_heads == 4 and mf.head_params > 0 and mf.frozen_matrix_params == 0
+    analytic = mf.batch(ids.shape)
+    supervised = 2 * 63  # labels[:, 1:]: the loss applies the output layer there only
+    expected = analytic - mf.head_flops_per_token() * (ids.numel() - supervised)
+    assert measured == pytest.approx(expected, rel=FLOP_TOLERANCE)
+    assert measured / analytic == pytest.approx(1.0, abs=0.05)
+
+
+def test_flop_counter_counts_gqa_sdpa_attention(tiny_llama_dir):
+    """SDPA with grouped-query k/v (enable_gqa) on PyTorch's CPU kernel: counted, never a shape assertion.
+    Fused kernels recompute QK^T in the backward, so attention counts 14 where the analytic count has 12."""
+    import torch.nn.functional as F
+
+    from shardtune.utils.flop_utils import flop_counter_mode, sdpa_flop_formulas
+    from shardtune.utils.loss import CausalLMWithLoss
+
+    b, hq, hkv, s, d = 2, 8, 2, 16, 32
+    q = torch.randn(b, hq, s, d, requires_grad=True)
+    k = torch.randn(b, hkv, s, d, requires_grad=True)
+    v = torch.randn(b, hkv, s, d, requires_grad=True)
+    with flop_counter_mode() as counter:
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    assert counter.get_total_flops() == 4 * b * hq * s * s * d
+    with flop_counter_mode() as counter:
+        out.sum().backward()
+    assert counter.get_total_flops() == 10 * b * hq * s * s * d
+    # the CUDA kernels' formulas take GQA shapes too (PyTorch < 2.10 asserted on them)
+    cuda_flash = torch.ops.aten._scaled_dot_product_flash_attention
+    assert sdpa_flop_formulas()[cuda_flash]((b, hq, s, d), (b, hkv, s, d), (b, hkv, s, d)) == 4 * b * hq * s * s * d
+
+    model = CausalLMWithLoss(_load_lm(tiny_llama_dir, "sdpa"))
+    ids = torch.randint(3, 200, (2, 64))
+    measured, mf = _count_step(model, ids, ids.clone())
+    expected = mf.batch(ids.shape) - mf.head_flops_per_token() * 2
+    attention = 12 * mf.num_layers * mf.num_heads * mf.head_dim * 64 * ids.numel()
+    assert measured == pytest.approx(expected + attention * 2 / 12, rel=FLOP_TOLERANCE)
+
+
+def test_lora_counts_frozen_weights_at_4n(tiny_llama_dir):
+    """LoRA: base weights frozen (4N), adapters trainable (6N). The count is a little lower still: layer 0's
+    frozen projections also skip the input gradient (their input, the frozen embedding, needs none)."""
+    from peft import LoraConfig, get_peft_model
+
+    from shardtune.utils.loss import CausalLMWithLoss
+
+    lm = _load_lm(tiny_llama_dir, "eager")
+    full = sum(m.in_features * m.out_features for m in lm.modules() if isinstance(m, torch.nn.Linear))
+    model = CausalLMWithLoss(get_peft_model(lm, LoraConfig(r=4, target_modules=["q_proj", "v_proj"])))
+    ids = torch.randint(3, 200, (2, 64))
+    measured, mf = _count_step(model, ids, ids.clone())
+    assert mf.frozen_matrix_params == full and 0 < mf.trainable_matrix_params < full // 10
+    assert not mf.head_trainable
+    expected = mf.batch(ids.shape) - mf.head_flops_per_token() * 2
+    assert 0.85 * expected < measured < expected
+
+
+# ---------------------------------------------------------------------------------------------
+# Log line and memory report
+# ---------------------------------------------------------------------------------------------
+def test_step_line_format():
+    rec = dict(step=20, epoch=0, loss=2.34159, perplexity=10.397, lr=1e-4, grad_norm=0.8741, tokens_per_s=12345.0,
+               tflops=402.1, mfu=0.4066, peak_mem_gb=23.4)
+    line = format_step_line(rec, num_epochs=3)
+    assert line == ("step 20 | epoch 1/3 | loss 2.3416 | ppl 10.40 | lr 1.00e-04 | grad_norm 0.874 | "
+                    "tok/s/gpu 12.3k | TFLOP/s/gpu 402 | MFU 40.7% | peak_mem 23.4 GB")
+    assert "MFU" not in format_step_line({**rec, "mfu": None})  # CPU: TFLOP/s only
+
+
+def test_memory_report_without_thread():
+    import threading
+
+    from shardtune.utils.memory_utils import MemoryTracker
+
+    threads = threading.active_count()
+    tracker = MemoryTracker(torch.device("cpu"))
+    tracker.start_epoch()
+    block = torch.ones(64 * 2 ** 20 // 4)  # 64 MiB touched
+    stats = tracker.epoch_stats()
+    del block
+    assert threading.active_count() == threads
+    assert stats.host_peak_rss > 64 * 2 ** 20 and stats.device_peak_allocated is None
+    line = stats.format("epoch 1")
+    assert line.startswith("--> memory (epoch 1): host peak RSS ") and line.endswith(" GB")
+    assert stats.as_gb()["host_peak_rss_gb"] == round(stats.host_peak_rss / 2 ** 30, 1)
+    assert tracker.run_stats().host_peak_rss >= stats.host_peak_rss
+
+
+# ---------------------------------------------------------------------------------------------
+# Whole runs
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def metrics_run(tiny_llama_dir, tmp_path_factory):
+    """One 2-epoch run with the log line every 2 steps, --save_metrics, --peak_tflops, the FLOP counter and
+    TensorBoard; the tests below read its outputs."""
+    import io
+    from contextlib import redirect_stdout
+
+    from shardtune.finetuning import main
+
+    tmp = tmp_path_factory.mktemp("obs_run")
+    buf = io.StringIO()
+    with redirect_stdout(buf):
+        summary = main(model_name=str(tiny_llama_dir), dataset="alpaca_dataset", data_path=_tiny_alpaca(tmp),
+                       context_length=128, batch_size_training=2, num_epochs=2, lr=1e-3, log_every_n_steps=2,
+                       save_metrics=True, peak_tflops=0.5, flop_counter=True, flop_counter_start=2,
+                       use_tensorboard=True, output_dir=str(tmp / "out"), save_model=False)
+    return {"summary": summary, "stdout": buf.getvalue(), "out": tmp / "out"}
+
+
+def test_log_line_every_n_steps(metrics_run):
+    lines = [ln for ln in metrics_run["stdout"].splitlines() if ln.startswith("step ")]
+    steps = [int(ln.split()[1]) for ln in lines]
+    assert steps and all(s % 2 == 0 for s in steps)
+    assert len(steps) == metrics_run["summary"]["steps"] // 2
+    for field in ("epoch ", "loss ", "lr ", "grad_norm ", "tok/s/gpu ", "TFLOP/s/gpu ", "MFU ", "peak_mem "):
+        assert all(f"| {field}" in ln for ln in lines), field
+    assert "--> memory (epoch 1): host peak RSS" in metrics_run["stdout"]
+    assert "--> memory (whole run)" in metrics_run["stdout"]
+
+
+def test_flop_counter_run_reports(metrics_run):
+    out = metrics_run["stdout"]
+    assert "--> FLOP counter: step 3 = " in out and "step 4 (run without the counter) took" in out
+    assert "TFLOP/s per GPU, MFU" in out and "measured / analytic" in out
+    fc = metrics_run["summary"]["flop_counter"]
+    assert fc["step"] == 3 and fc["timed_step"] == 4 and fc["measured_flops"] > 0
+    assert fc["mfu"] == pytest.approx(fc["tflops_per_gpu"] / 0.5)
+    # SDPA on CPU, packed alpaca: counted within 10% of the analytic count charged at supervised positions
+    assert fc["measured_flops"] / fc["expected_flops"] == pytest.approx(1.0, abs=0.1)
+
+
+def test_metrics_file_records(metrics_run):
+    records = read_metrics(metrics_run["summary"]["metrics_file"])
+    steps = [r for r in records if r["kind"] == "train_step"]
+    epochs = [r for r in records if r["kind"] == "epoch"]
+    assert len(steps) == metrics_run["summary"]["steps"] and len(epochs) == 2
+    for key in ("loss", "perplexity", "lr", "grad_norm", "tokens_per_s", "tflops", "mfu", "peak_mem_gb"):
+        assert all(isinstance(r[key], float) for r in steps), key
+    assert all(r["input_tokens"] in (128, 2 * 128) for r in steps)  # packed blocks: batch x context_length
+    for key in ("train_loss", "train_perplexity", "eval_loss", "eval_perplexity", "step", "host_peak_rss_gb"):
+        assert all(key in r for r in epochs), key
+    assert epochs[-1]["step"] == steps[-1]["step"]
+
+
+def test_plot_metrics_writes_pngs(metrics_run, tmp_path):
+    from shardtune.utils.plot_metrics import main as plot_main
+
+    assert plot_main([metrics_run["summary"]["metrics_file"], "--out_dir", str(tmp_path)]) == 0
+    names = sorted(p.name.split("_", 2)[-1] for p in tmp_path.glob("*.png"))
+    assert names == ["loss_by_epoch.png", "loss_by_step.png", "perplexity_by_epoch.png", "perplexity_by_step.png",
+                     "throughput_by_step.png"]
+    for png in tmp_path.glob("*.png"):
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+def test_plot_metrics_without_matplotlib(metrics_run, monkeypatch):
+    import sys
+
+    from shardtune.utils.plot_metrics import plot
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.raises(SystemExit, match=r"pip install 'shardtune\[tracking\]'"):
+        plot(metrics_run["summary"]["metrics_file"])
+
+
+def test_tensorboard_events_read_back(metrics_run):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (events,) = (metrics_run["out"] / "tensorboard").glob("events.out.tfevents.*")
+    acc = EventAccumulator(str(events))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s", "train/mfu", "epoch/train_loss",
+            "eval/loss", "eval/perplexity"} <= tags
+    losses = acc.Scalars("train/loss")
+    assert [e.step for e in losses] == list(range(1, metrics_run["summary"]["steps"] + 1))
+    assert len(acc.Scalars("eval/loss")) == 2
+
+
+def test_profiler_trace_and_wandb_offline(tiny_llama_dir, tmp_path, monkeypatch):
+    """--use_profiler writes one JSON trace for rank 0 that parses; --use_wandb in offline mode writes a run."""
+    pytest.importorskip("wandb")
+    from shardtune.finetuning import main
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb_root"))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    prof_dir = tmp_path / "prof"
+    summary = main(**{"model_name": str(tiny_llama_dir), "context_length": 128, "batch_size_training": 2,
+                      "max_train_step": 3, "num_epochs": 1, "max_eval_step": 1, "use_profiler": True,
+                      "profiler_dir": str(prof_dir), "profiler_wait": 0, "profiler_warmup": 1, "profiler_active": 2,
+                      "use_wandb": True, "output_dir": str(tmp_path / "out"),
+                      "save_model": False})
+    assert summary["steps"] == 3
+    (trace,) = prof_dir.glob("rank0.*.pt.trace.json")
+    data = json.loads(trace.read_text())
+    names = {e.get("name", "") for e in data["traceEvents"]}
+    assert any(n.startswith("ProfilerStep#") for n in names) and any("aten::mm" in n for n in names)
+
+    # offline W&B: the run's records (protobuf, no Python reader in wandb >= 0.20) hold the logged keys,
+    # the project and the resolved config
+    (run_dir,) = (tmp_path / "wandb_root" / "wandb").glob("offline-run-*")
+    (run_file,) = run_dir.glob("run-*.wandb")
+    data = run_file.read_bytes()
+    for key in (b"train/loss", b"train/lr", b"train/tokens_per_s", b"epoch/train_loss", b"eval/loss",
+                b"shardtune", b"train_config", b"context_length"):
+        assert key in data, key
+
+
+def test_missing_tracking_extra_fails_before_model_load(monkeypatch, tmp_path):
+    import importlib.util
+
+    from shardtune.finetuning import main
+    from shardtune.utils import trackers
+    from shardtune.utils.config_utils import ConfigError
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(trackers.importlib.util, "find_spec",
+                        lambda name, *a: None if name in ("wandb", "tensorboard") else real(name, *a))
+    for flag in ("use_wandb", "use_tensorboard"):
+        # a model path that does not exist: the tracker check must fire first
+        with pytest.raises(ConfigError, match=rf"--{flag} needs .*pip install 'shardtune\[tracking\]'"):
+            main(model_name=str(tmp_path / "no-such-model"), output_dir=str(tmp_path / "o"), **{flag: True})
