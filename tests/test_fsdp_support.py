@@ -41,11 +41,12 @@ def _worker(local_rank: int, world: int, port: int, kwargs: dict, result_dir: st
         for k in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
             os.environ.pop(k, None)  # a plain single-process run, as `python finetuning.py` would be
     torch.set_num_threads(1)
-    log = open(Path(result_dir, f"rank{local_rank}.log"), "w")  # the rank's stdout and stderr, for asserts
+    log = open(Path(result_dir, f"rank{local_rank}.log"), "w", buffering=1)  # stdout + stderr, for asserts
     sys.stdout.flush()
     sys.stderr.flush()
     os.dup2(log.fileno(), 1)
     os.dup2(log.fileno(), 2)
+    sys.stdout = sys.stderr = log  # pytest replaces sys.stdout with its own capture stream
     out = {"rank": local_rank}
     try:
         from shardtune.finetuning import main

@@ -159,6 +159,34 @@ def test_lora_counts_frozen_weights_at_4n(tiny_llama_dir):
     assert 0.85 * expected < measured < expected
 
 
+def test_flop_counter_observer_windows_and_fallback(capsys):
+    """The window holds exactly the step after `start` steps; with no step after it, the counted step's own
+    time is used and the report says so; a run too short to count warns."""
+    from types import SimpleNamespace
+
+    from shardtune.utils.flop_utils import FlopCounter
+
+    a, b = torch.randn(64, 32), torch.randn(32, 16)
+    counter = FlopCounter(start=1, device=torch.device("cpu"), peak_tflops=None)
+    for step in range(3):  # steps 1, 2 and 3; step 2 is counted, step 3 timed
+        counter.on_step_start(SimpleNamespace(step=step))
+        a @ b
+        counter.on_step_end(SimpleNamespace(step=step + 1), {"step": step + 1, "model_flops": 2 * 64 * 32 * 16})
+    assert counter.result["step"] == 2 and counter.result["timed_step"] == 3
+    assert counter.result["measured_flops"] == 2 * 64 * 32 * 16 and counter.result["ratio"] == 1.0
+    assert "step 3 (run without the counter)" in capsys.readouterr().out
+
+    short = FlopCounter(start=0, device=torch.device("cpu"))
+    short.on_step_start(SimpleNamespace(step=0))
+    a @ b
+    short.on_step_end(SimpleNamespace(step=1), {"step": 1})
+    short.close()
+    assert short.result["timed_step"] is None and "timed under the counter" in capsys.readouterr().out
+    never = FlopCounter(start=5, device=torch.device("cpu"))
+    never.close()
+    assert never.result is None and "nothing was counted" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------------------------------------
 # Log line and memory report
 # ---------------------------------------------------------------------------------------------
@@ -327,3 +355,47 @@ def test_missing_tracking_extra_fails_before_model_load(monkeypatch, tmp_path):
         # a model path that does not exist: the tracker check must fire first
         with pytest.raises(ConfigError, match=rf"--{flag} needs .*pip install 'shardtune\[tracking\]'"):
             main(model_name=str(tmp_path / "no-such-model"), output_dir=str(tmp_path / "o"), **{flag: True})
+
+
+# ---------------------------------------------------------------------------------------------
+# Two ranks (FSDP2 over gloo, forked in-process: tests/test_fsdp_support.py)
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_two_ranks_profiler_traces_and_rank0_log(tiny_llama_dir, tmp_path):
+    """One trace per rank; the log line and the metrics file on rank 0 only; throughput per GPU."""
+    from test_fsdp_support import base_kwargs, run_ranks
+
+    prof = tmp_path / "prof"
+    results = run_ranks(2, base_kwargs(tiny_llama_dir, tmp_path / "out", use_profiler=True, profiler_dir=str(prof),
+                                       profiler_wait=0, profiler_warmup=1, profiler_active=1), tmp_path / "res")
+    for rank in (0, 1):
+        (trace,) = prof.glob(f"rank{rank}.*.pt.trace.json")
+        assert json.loads(trace.read_text())["traceEvents"]
+    rank0, rank1 = results[0]["log"], results[1]["log"]
+    assert [ln.split(" |")[0] for ln in rank0.splitlines() if ln.startswith("step ")] == ["step 1", "step 2", "step 3"]
+    assert not [ln for ln in rank1.splitlines() if ln.startswith("step ")]
+    (metrics,) = (tmp_path / "out").glob("metrics_*.jsonl")
+    steps = [r for r in read_metrics(metrics) if r["kind"] == "train_step"]
+    # input tokens are summed over ranks; tokens/s is per GPU: input tokens / world / step time
+    assert all(r["input_tokens"] == 2 * 2 * 128 for r in steps)
+    assert all(r["tokens_per_s"] == pytest.approx(r["input_tokens"] / 2 / r["step_time_s"]) for r in steps)
+
+
+@pytest.mark.slow
+def test_two_ranks_flop_counter_on_sharded_model(tiny_llama_dir, tmp_path):
+    """FSDP2-sharded model: the analytic count sees whole layers, the counter's all-reduce agrees on all ranks."""
+    from test_fsdp_support import base_kwargs, run_ranks
+
+    results = run_ranks(2, base_kwargs(tiny_llama_dir, tmp_path / "out", max_train_step=4, flop_counter=True,
+                                       flop_counter_start=1, peak_tflops=1.0), tmp_path / "res")
+    fc = [r["summary"]["flop_counter"] for r in results]
+    assert fc[0]["measured_flops"] == fc[1]["measured_flops"] > 0 and fc[0]["step"] == 2 and fc[0]["timed_step"] == 3
+    # per GPU: the analytic count of one rank's batch (2 x 128 tokens); SDPA recompute and the output layer at
+    # supervised positions only keep measured within 10% of it
+    from shardtune.utils.flop_utils import count_model_flops
+    from shardtune.utils.loss import CausalLMWithLoss
+
+    single = count_model_flops(CausalLMWithLoss(_load_lm(tiny_llama_dir, "sdpa")))
+    assert fc[0]["analytic_flops"] == pytest.approx(single.batch((2, 128)))
+    assert fc[0]["measured_flops"] / fc[0]["expected_flops"] == pytest.approx(1.0, abs=0.1)
+    assert "--> FLOP counter: step 2" in results[0]["log"] and "FLOP counter" not in results[1]["log"]

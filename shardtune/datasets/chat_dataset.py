@@ -68,17 +68,16 @@ def load_examples(dataset_config, split: str) -> List[dict]:
                          "--chat_dataset.train_split/test_split")
 
 
-_warned_no_template = False
+_warned_tokenizers = set()  # ids of tokenizers already warned about (the renderer runs once per example)
 
 
 def _render_fn(tokenizer):
-    global _warned_no_template
     extra = {}
     if not getattr(tokenizer, "chat_template", None):
         extra["chat_template"] = DEFAULT_CHAT_TEMPLATE
-        if not _warned_no_template:
+        if id(tokenizer) not in _warned_tokenizers:
+            _warned_tokenizers.add(id(tokenizer))
             warn("chat_dataset: the tokenizer has no chat template; using '<|role|>\\n{content}</s>' turns")
-            _warned_no_template = True
 
     def render(messages, add_generation_prompt=False) -> str:
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,

@@ -25,10 +25,12 @@ state: samplers are deterministic given (seed, epoch), and the loop skips ``batc
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import shutil
 import time
+import warnings
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Callable, List, Optional
@@ -172,6 +174,19 @@ def set_rng_state(state: dict, device: torch.device) -> None:
 # ---------------------------------------------------------------------------------------------
 # Saving and loading
 # ---------------------------------------------------------------------------------------------
+def _process_group() -> bool:
+    """Whether collectives are available (single-process runs use DCP without a process group)."""
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+@contextlib.contextmanager
+def quiet_single_process():
+    """DCP warns on every save/load without a process group; for one process that is the intent."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
 def _strip_prefix(state_dict: dict, prefix: str = "lm.") -> dict:
     return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state_dict.items()}
 
@@ -259,7 +274,8 @@ class Checkpointer:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
         msd, osd = get_state_dict(self.model, self.optimizer, options=StateDictOptions(ignore_frozen_params=True))
-        dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp))
+        with quiet_single_process():
+            dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp), no_dist=not _process_group())
 
     def _save_full(self, tmp: Path) -> None:
         from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
@@ -369,7 +385,8 @@ class Checkpointer:
         msd, osd = get_state_dict(self.model, self.optimizer, options=StateDictOptions(ignore_frozen_params=True))
         expected = set(msd)
         target = {"model": msd, "optim": osd}
-        dcp.load(target, checkpoint_id=str(path))
+        with quiet_single_process():
+            dcp.load(target, checkpoint_id=str(path), no_dist=not _process_group())
         result = set_state_dict(self.model, self.optimizer, model_state_dict=target["model"],
                                 optim_state_dict=target["optim"],
                                 options=StateDictOptions(ignore_frozen_params=True, strict=False))

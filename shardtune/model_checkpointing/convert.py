@@ -56,7 +56,7 @@ def convert(checkpoint: Path, output: Path, model_name: Optional[str] = None, dt
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
 
     from shardtune.configs.fsdp import StateDictType
-    from shardtune.model_checkpointing.checkpoint import read_state
+    from shardtune.model_checkpointing.checkpoint import quiet_single_process, read_state
     from shardtune.model_checkpointing.export import export_pretrained
     from shardtune.utils.config_utils import parse_cli
     from shardtune.utils.loss import CausalLMWithLoss
@@ -114,10 +114,17 @@ def convert(checkpoint: Path, output: Path, model_name: Optional[str] = None, dt
         from shardtune.utils.fsdp_utils import cast_parameters
 
         cast_parameters(model, torch.bfloat16)
-    options = StateDictOptions(ignore_frozen_params=True)
-    state = {"model": get_model_state_dict(model, options=options)}
-    dcp.load(state, checkpoint_id=str(checkpoint))
-    set_model_state_dict(model, state["model"], options=StateDictOptions(ignore_frozen_params=True, strict=False))
+    # The checkpoint holds the weights that trained (frozen ones were not saved): read exactly those.
+    stored = {k[len("model."):] for k in dcp.FileSystemReader(str(checkpoint)).read_metadata().state_dict_metadata
+              if k.startswith("model.")}
+    state = {"model": {k: v for k, v in get_model_state_dict(model).items() if k in stored}}
+    missing = stored - set(state["model"])
+    if missing:
+        raise ConfigError(f"--checkpoint: {checkpoint} holds weights this model lacks (e.g. {sorted(missing)[0]}); "
+                          f"is --model_name the run's base model?")
+    with quiet_single_process():  # one process reads every rank's shards
+        dcp.load(state, checkpoint_id=str(checkpoint), no_dist=True)
+    set_model_state_dict(model, state["model"], options=StateDictOptions(strict=False))
     out = export_pretrained(lm, tokenizer, output, dtype=None if info.get("use_peft") else out_dtype)
     return out
 

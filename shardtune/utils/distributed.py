@@ -60,7 +60,9 @@ def setup(enable_fsdp: bool) -> DistInfo:
     if enable_fsdp and launched_by_torchrun():
         if not dist.is_initialized():
             timeout = datetime.timedelta(seconds=float(os.environ.get("SHARDTUNE_PG_TIMEOUT_S", "600")))
-            backend = "nccl" if device.type == "cuda" else "gloo"
+            # On GPUs, NCCL for CUDA tensors plus gloo for CPU ones: FSDP CPU offload keeps shards (and
+            # their gradient-norm reductions) in host memory, and checkpoints gather into host memory.
+            backend = "cuda:nccl,cpu:gloo" if device.type == "cuda" else "gloo"
             dist.init_process_group(backend, timeout=timeout,
                                     device_id=device if device.type == "cuda" else None)
         _INFO = DistInfo(dist.get_rank(), local_rank, dist.get_world_size(), device)

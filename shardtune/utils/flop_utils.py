@@ -29,9 +29,10 @@ from typing import Dict, Optional, Sequence
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from shardtune.utils import distributed
-from shardtune.utils.logging import log, warn
+from shardtune.utils.logging import warn
 from shardtune.utils.metrics import StepObserver
 
 
@@ -268,7 +269,8 @@ class FlopCounter(StepObserver):
                              f"TFLOP; measured / that = {flops / expected:.3f}")
         lines.append("    (the count includes recomputation: fused attention recomputes QK^T in the backward; "
                      "see docs/observability.md)")
-        log("\n".join(lines))
+        if distributed.is_main():
+            tqdm.write("\n".join(lines))  # above the progress bar, not through it
         return result
 
     def close(self) -> None:
