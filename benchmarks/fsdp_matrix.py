@@ -277,7 +277,7 @@ def markdown(results: dict, lines: list, meta: dict) -> str:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--result_dir", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--out", default=os.environ.get("OUT", "fsdp_matrix_out"))
