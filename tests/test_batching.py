@@ -149,6 +149,25 @@ def test_loaders_see_every_sample_once_and_fill_short_ranks_with_masked_batches(
     assert fillers == counts[0] * world - loader.batch_sampler.num_batches()
 
 
+@pytest.mark.parametrize("strategy", ["padding", "packing"])
+def test_eval_loss_over_ranks_with_fillers_equals_one_process(strategy, tiny_llama_dir):
+    """Summing loss and tokens over 1, 2 or 4 simulated ranks (fillers included) gives one eval loss."""
+    from transformers import AutoModelForCausalLM
+
+    from shardtune.utils.loss import CausalLMWithLoss
+
+    model = CausalLMWithLoss(AutoModelForCausalLM.from_pretrained(tiny_llama_dir)).eval()
+    data = [{"input_ids": [1] + s["input_ids"], "labels": [IGNORE_INDEX] + s["labels"]} for s in _samples(11)]
+    cfg = _cfg(strategy, val_batch_size=2)
+    losses = []
+    with torch.no_grad():
+        for world in (1, 2, 4):
+            outs = [model(**batch) for rank in range(world)
+                    for batch in build_dataloader(data, _TOKENIZER, cfg, train=False, rank=rank, world_size=world)]
+            losses.append(float(sum(o.loss_sum for o in outs)) / int(sum(o.num_tokens for o in outs)))
+    assert losses[1] == pytest.approx(losses[0], abs=1e-5) and losses[2] == pytest.approx(losses[0], abs=1e-5)
+
+
 def test_loader_settings_and_custom_collator_overrides_packing(capsys):
     data = _samples(6)
     loader = build_dataloader(data, _TOKENIZER, _cfg("packing"), train=True)
@@ -175,10 +194,10 @@ def test_tiny_model_trains_on_alpaca_with_falling_loss(strategy, tiny_llama_dir,
     from shardtune.finetuning import main
 
     summary = main(model_name=str(tiny_llama_dir), dataset="alpaca_dataset", batching_strategy=strategy,
-                   context_length=128, batch_size_training=8, max_train_step=24, lr=2e-3, run_validation=False,
+                   context_length=128, batch_size_training=8, max_train_step=16, lr=2e-3, run_validation=False,
                    num_workers_dataloader=0, save_metrics=True, save_model=False, precision="fp32",
                    output_dir=str(tmp_path))
     losses = _step_losses(tmp_path)
-    assert summary["steps"] == len(losses) == 24
-    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.5, losses
+    assert summary["steps"] == len(losses) == 16
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.4, losses
     assert list((tmp_path / "data_cache").glob("alpaca_dataset-train-*.arrow")), "tokenisation is cached"

@@ -157,7 +157,7 @@ def test_grammar_csv_with_byte_order_mark(shared_data, tok, tmp_path):
 
 # ---------------------------------------------------------------------------------------------- errors
 @pytest.mark.parametrize("name,overrides,flag,source", [
-    ("alpaca_dataset", {"data_path": "nope/alpaca_data.json"}, "--alpaca_dataset.data_path", "tatsu-lab/stanford_alpaca"),
+    ("alpaca_dataset", {"data_path": "nope/alpaca.json"}, "--alpaca_dataset.data_path", "tatsu-lab/stanford_alpaca"),
     ("grammar_dataset", {}, "--grammar_dataset.train_split", "grammar_dataset_process.ipynb"),
     ("samsum_dataset", {"data_path": "nope/samsum"}, "--samsum_dataset.data_path", "SAMSum corpus"),
     ("chat_dataset", {}, "--chat_dataset.data_path", "{messages: [{role, content}, ...]}"),
@@ -376,7 +376,7 @@ def test_custom_errors_are_one_line(spec, collator, match, custom_file, tok):
 def test_custom_samples_need_input_ids_and_labels_without_a_collator(tmp_path, tok):
     path = tmp_path / "plain.py"
     path.write_text("def get_custom_dataset(c, t, s):\n    return [{'text': 'hi'}]\n")
-    with pytest.raises(ConfigError, match=r"samples must be dicts with 'input_ids' and 'labels' \(got dict \['text'\]\)"):
+    with pytest.raises(ConfigError, match=r"samples must be dicts with 'input_ids' and 'labels' \(got dict \['text'\]"):
         get_preprocessed_dataset(tok, C.custom_dataset(file=str(path)), "train")
 
 

@@ -27,7 +27,6 @@ from shardtune.utils.config_utils import ConfigError
 from shardtune.utils.logging import log
 
 CACHE_VERSION = 1  # bump whenever tokenisation code changes the tokens it produces
-COLUMNS = ("input_ids", "labels", "length", "target_start")
 
 
 def _features():
@@ -74,7 +73,8 @@ def tokenize_examples(examples: List[dict], tokenize: Callable, tokenizer, datas
     def tokenize_batch(batch):
         rows = [tokenize(examples[i], tokenizer, dataset_config) for i in batch["i"]]
         return {"input_ids": [r["input_ids"] for r in rows], "labels": [r["labels"] for r in rows],
-                "length": [len(r["input_ids"]) for r in rows], "target_start": [target_start(r["labels"]) for r in rows]}
+                "length": [len(r["input_ids"]) for r in rows],
+                "target_start": [target_start(r["labels"]) for r in rows]}
 
     index = Dataset.from_dict({"i": list(range(len(examples)))})
     return index.map(tokenize_batch, batched=True, batch_size=1000, remove_columns=["i"], features=_features(),
