@@ -145,6 +145,8 @@ def main(**kwargs) -> dict:
         export_dtype = getattr(torch, export_dtype)
     if not meta:
         maybe_resize_embeddings(lm, tokenizer)
+    elif len(tokenizer) > lm.get_input_embeddings().weight.shape[0]:  # shapes only: rank 0 broadcasts values
+        lm.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     if t.freeze_layers and not t.use_peft:
         freeze_first_layers(lm, t.num_freeze_layers)
     if t.use_peft:

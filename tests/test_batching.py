@@ -182,6 +182,9 @@ def test_loader_settings_and_custom_collator_overrides_packing(capsys):
     custom = build_dataloader(data, _TOKENIZER, _cfg("packing"), train=True, collate_fn=collate)
     assert [int(b["n"]) for b in custom] == [2, 2, 2]
     assert "packing does not apply with a custom collator" in capsys.readouterr().err
+    prefix = build_dataloader(data, _TOKENIZER, _cfg("packing", use_peft=True, peft_method="prefix"), train=True)
+    assert "attention_mask" in next(iter(prefix))  # padded batches: see data/loader.py for why
+    assert "packing does not apply with --peft_method prefix" in capsys.readouterr().err
 
 
 def _step_losses(out_dir: Path) -> list:

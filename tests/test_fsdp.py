@@ -222,3 +222,22 @@ def test_low_cpu_fsdp_gives_the_same_run(peft, tiny_llama_dir, tmp_path):
     assert "weights received from rank 0" in results[1]["log"]
     for r in results:
         assert re.search(r"low_cpu_fsdp: .* peak host RSS so far \d+ MB", r["log"])
+
+
+def test_low_cpu_fsdp_when_the_tokenizer_outgrows_the_embedding(tiny_llama_dir, tmp_path):
+    """Rank 0 resizes the real embedding (new rows from the old ones' statistics); meta ranks only take the
+    new shape and receive the rows by broadcast: same run as resizing on every rank."""
+    import shutil
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    small = tmp_path / "small_vocab"
+    shutil.copytree(tiny_llama_dir, small)
+    cfg = AutoConfig.from_pretrained(small)
+    cfg.vocab_size -= 16
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(small)
+    run_ranks(2, base_kwargs(small, tmp_path / "normal"), tmp_path / "normal-ranks")
+    results = run_ranks(2, base_kwargs(small, tmp_path / "low", low_cpu_fsdp=True), tmp_path / "low-ranks")
+    assert "resizing the embedding" in results[0]["log"]
+    assert step_losses(tmp_path / "low") == pytest.approx(step_losses(tmp_path / "normal"), abs=1e-6)

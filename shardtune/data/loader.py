@@ -49,6 +49,17 @@ class FillerCollator:
         return batch
 
 
+def _packing_unavailable(train_cfg, collate_fn) -> Optional[str]:
+    """Why packing cannot be used for this run, or None."""
+    if collate_fn is not None:
+        return "with a custom collator (it batches the data set's own samples)"
+    if train_cfg.use_peft and train_cfg.peft_method == "prefix":
+        # Prefix tuning feeds its virtual tokens to the model as a KV cache, and with a cache transformers
+        # builds one causal mask over the whole block: documents would attend to each other.
+        return "with --peft_method prefix (its KV cache turns off the per-document attention mask)"
+    return None
+
+
 def build_dataloader(samples, tokenizer, train_cfg, *, train: bool, rank: int = 0, world_size: int = 1,
                      collate_fn: Optional[Callable] = None) -> DataLoader:
     """``samples``: tokenised samples (dicts with input_ids and labels), e.g. from get_preprocessed_dataset.
@@ -58,9 +69,9 @@ def build_dataloader(samples, tokenizer, train_cfg, *, train: bool, rank: int = 
     which = "train" if train else "eval"
     order = dict(shuffle=train, seed=train_cfg.seed, num_replicas=world_size, rank=rank)
     packing = train_cfg.batching_strategy == "packing"
-    if packing and collate_fn is not None:
-        warn("--batching_strategy packing does not apply with a custom collator (it batches the data set's own "
-             "samples): using length-grouped batches")
+    reason = _packing_unavailable(train_cfg, collate_fn) if packing else None
+    if reason:
+        warn(f"--batching_strategy packing does not apply {reason}: using length-grouped padded batches")
         packing = False
     if packing:
         dataset = pack_dataset(samples, train_cfg.context_length, pad_id)

@@ -7,7 +7,7 @@ and flash-attention uses them as varlen boundaries. Verified in tests/test_packi
 eager: a document's loss inside a block equals its loss alone. Two conditions, both met by
 utils/loss.CausalLMWithLoss: no ``attention_mask`` is passed, and no KV cache (``use_cache=False``);
 with either, transformers silently falls back to one causal mask over the whole block. (PEFT
-prefix tuning passes a cache, so it should be trained with --batching_strategy padding.)
+prefix tuning passes a cache, so data/loader.py uses padded batches for it.)
 
 Placement is best-fit decreasing: documents, longest first, go into the open block with the least
 room that still fits them. A document is never split (a split document's tail would lose its

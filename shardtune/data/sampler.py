@@ -71,8 +71,10 @@ class _EpochBatchSampler(Sampler[List[int]]):
         raise NotImplementedError
 
     def num_batches(self) -> int:
-        n = self.num_samples // self.batch_size if self.drop_last else math.ceil(self.num_samples / self.batch_size)
-        return n
+        """Batches of all ranks together in one epoch."""
+        if self.drop_last:
+            return self.num_samples // self.batch_size
+        return math.ceil(self.num_samples / self.batch_size)
 
     def __len__(self) -> int:
         return math.ceil(self.num_batches() / self.num_replicas)

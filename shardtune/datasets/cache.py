@@ -119,7 +119,7 @@ def cached_tokenized(name: str, split: str, dataset_config, tokenizer, load_exam
         slug = re.sub(r"[^\w.-]+", "_", Path(split).name)
         path = Path(cache_dir) / f"{name}-{slug}-{key[:16]}.arrow"
         if path.is_file():
-            log(f"--> {name} {split}: tokenised cache {path}")
+            log(f"--> {name} {split}: reusing the tokenised cache {path}")
         else:
             path.parent.mkdir(parents=True, exist_ok=True)
             tokenize_examples(examples, tokenize, tokenizer, dataset_config, cache_file=path, fingerprint=key,
@@ -129,7 +129,7 @@ def cached_tokenized(name: str, split: str, dataset_config, tokenizer, load_exam
 
     path = on_rank0(build)
     if not Path(path).is_file():  # another node, whose output_dir is not shared with rank 0's
-        print(f"warning: [rank {distributed.info().rank}] {path} is not visible on this node "
+        print(f"warning: [rank {dist.get_rank() if dist.is_initialized() else 0}] {path} is not visible on this node "
               "(output_dir not shared?): tokenising here", file=sys.stderr, flush=True)
         path = build()
     return Dataset.from_file(path)

@@ -55,6 +55,22 @@ class AnyPrecisionAdamW(Optimizer):
                                                      memory_format=torch.preserve_format)
         return state
 
+    _STATE_DTYPES = (("exp_avg", "momentum_dtype"), ("exp_avg_sq", "variance_dtype"),
+                     ("compensation", "compensation_buffer_dtype"))
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """torch's loader casts floating-point state to each parameter's dtype; the moments and the
+        compensation buffer keep their configured dtypes here (fp32 moments of bf16 weights stay fp32)."""
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        saved = state_dict["state"]
+        super().load_state_dict(state_dict)
+        for group in self.param_groups:
+            for p in group["params"]:
+                pid = saved_ids.pop(0)
+                for key, dtype_key in self._STATE_DTYPES:
+                    if pid in saved and key in saved[pid]:
+                        self.state[p][key] = saved[pid][key].to(device=p.device, dtype=group[dtype_key])
+
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], torch.Tensor]] = None):
         loss = None
