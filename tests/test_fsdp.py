@@ -241,3 +241,41 @@ def test_low_cpu_fsdp_when_the_tokenizer_outgrows_the_embedding(tiny_llama_dir, 
     results = run_ranks(2, base_kwargs(small, tmp_path / "low", low_cpu_fsdp=True), tmp_path / "low-ranks")
     assert "resizing the embedding" in results[0]["log"]
     assert step_losses(tmp_path / "low") == pytest.approx(step_losses(tmp_path / "normal"), abs=1e-6)
+
+
+def _scaler_skips_on_every_rank(rank: int, world: int) -> dict:
+    """fp16 + FSDP2: an inf in one rank's gradient shard must make every rank skip the step."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from shardtune.policies.mixed_precision import mp_policy_for
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 1))
+    mesh = init_device_mesh("cpu", (world,))
+    fully_shard(model[0], mesh=mesh, mp_policy=mp_policy_for("fp16_mixed"))
+    fully_shard(model, mesh=mesh, mp_policy=mp_policy_for("fp16_mixed"))
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    before = [p.to_local().clone() for p in model.parameters()]
+    out = {}
+    for step, poison in enumerate((True, False)):
+        scaler.scale(model(torch.randn(4, 8)).sum()).backward()
+        if poison and rank == 1:
+            next(iter(model.parameters())).grad.to_local().fill_(float("inf"))
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad()
+        changed = any(not torch.equal(p.to_local(), b) for p, b in zip(model.parameters(), before))
+        out[f"step{step}"] = {"changed": changed, "scale": scaler.get_scale()}
+        before = [p.to_local().clone() for p in model.parameters()]
+    return out
+
+
+def test_grad_scaler_found_inf_is_shared_by_all_ranks(tmp_path):
+    from test_fsdp_support import run_fn_ranks
+
+    results = run_fn_ranks(_scaler_skips_on_every_rank, 2, tmp_path)
+    for r in results:  # rank 0's shard was finite, yet it skipped too, and both halved the scale
+        assert r["step0"] == {"changed": False, "scale": 512.0}
+        assert r["step1"]["changed"] and r["step1"]["scale"] == 512.0

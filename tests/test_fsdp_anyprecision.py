@@ -7,7 +7,7 @@ import torch
 from shardtune.policies.anyprecision_optimizer import AnyPrecisionAdamW
 
 
-def _train(make_opt, dtype, steps=300):
+def _train(make_opt, dtype, steps=100):
     torch.manual_seed(0)
     w0 = torch.randn(64, 64)
     p = torch.nn.Parameter(w0.clone().to(dtype))
@@ -28,19 +28,20 @@ def test_fp32_moments_reproduce_torch_adamw(weight_decay):
                          torch.float32)
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
     state = opt.state[opt.param_groups[0]["params"][0]]
-    assert float(state["step"]) == 300 and state["exp_avg"].dtype == torch.float32
+    assert float(state["step"]) == 100 and state["exp_avg"].dtype == torch.float32
 
 
 def test_bf16_weights_follow_fp32_closer_with_kahan_summation():
     """bf16 weights with small updates: plain rounding loses most of them; the compensation buffer keeps
     them, so the weights end much closer to the fp32 trajectory."""
-    ref, w0, _ = _train(lambda ps: torch.optim.AdamW(ps, lr=1e-4, weight_decay=0.1), torch.float32)
-    plain, _, opt = _train(lambda ps: AnyPrecisionAdamW(ps, lr=1e-4, weight_decay=0.1), torch.bfloat16)
+    ref, w0, _ = _train(lambda ps: torch.optim.AdamW(ps, lr=1e-4, weight_decay=0.1), torch.float32, 200)
+    plain, _, opt = _train(lambda ps: AnyPrecisionAdamW(ps, lr=1e-4, weight_decay=0.1), torch.bfloat16, 200)
     kahan, _, kopt = _train(lambda ps: AnyPrecisionAdamW(ps, lr=1e-4, weight_decay=0.1, use_kahan_summation=True),
-                            torch.bfloat16)
+                            torch.bfloat16, 200)
     moved = (ref - w0).abs().mean()
     err_plain, err_kahan = (plain - ref).abs().mean(), (kahan - ref).abs().mean()
-    assert err_kahan < 0.6 * err_plain and err_kahan < 0.5 * moved
+    assert err_plain > 0.8 * moved  # without compensation most of the small updates were rounded away
+    assert err_kahan < 0.6 * err_plain
     state = kopt.state[kopt.param_groups[0]["params"][0]]
     assert state["exp_avg"].dtype == state["exp_avg_sq"].dtype == state["compensation"].dtype == torch.bfloat16
     assert "compensation" not in opt.state[opt.param_groups[0]["params"][0]]

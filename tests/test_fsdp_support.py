@@ -142,3 +142,44 @@ def step_losses(out_dir) -> List[float]:
                 records.append(rec)
     records.sort(key=lambda r: r["step"])
     return [r["loss"] for r in records]
+
+
+def _fn_worker(local_rank: int, world: int, port: int, fn, result_dir: str) -> None:
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(local_rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(local_rank))
+    torch.set_num_threads(1)
+    import datetime
+
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=int(PG_TIMEOUT_S)))
+    try:
+        out = {"rank": local_rank, "result": fn(local_rank, world)}
+    except Exception as exc:  # noqa: BLE001
+        out = {"rank": local_rank, "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
+    finally:
+        dist.destroy_process_group()
+    Path(result_dir, f"fn_rank{local_rank}.json").write_text(json.dumps(out, default=str))
+
+
+def run_fn_ranks(fn, world: int, result_dir: Path, timeout: float = 60.0) -> list:
+    """Run ``fn(rank, world)`` on ``world`` forked gloo ranks; return each rank's (JSON-able) result."""
+    warm_imports()
+    result_dir = Path(result_dir)
+    result_dir.mkdir(parents=True, exist_ok=True)
+    ctx = mp.start_processes(_fn_worker, args=(world, free_port(), fn, str(result_dir)), nprocs=world,
+                             start_method="fork", join=False)
+    deadline = time.monotonic() + timeout
+    try:
+        while not ctx.join(timeout=1.0):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{world}-rank function did not finish in {timeout}s")
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                os.kill(p.pid, signal.SIGKILL)
+    results = [json.loads((result_dir / f"fn_rank{r}.json").read_text()) for r in range(world)]
+    for r in results:
+        if "error" in r:
+            raise AssertionError(f"rank {r['rank']} failed: {r['error']}\n{r['traceback']}")
+    return [r["result"] for r in results]

@@ -191,10 +191,6 @@ def _strip_prefix(state_dict: dict, prefix: str = "lm.") -> dict:
     return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state_dict.items()}
 
 
-def _add_prefix(state_dict: dict, prefix: str = "lm.") -> dict:
-    return {prefix + k: v for k, v in state_dict.items()}
-
-
 class Checkpointer:
     """Saves and restores everything a run needs to continue, for FSDP and single-process runs alike.
 

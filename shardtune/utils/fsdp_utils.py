@@ -221,18 +221,6 @@ def set_gradient_sync(model: nn.Module, sync: bool) -> None:
         model.set_requires_gradient_sync(sync)
 
 
-def make_grad_scaler(precision: str, device: torch.device):
-    """The gradient scaler for fp16 (None otherwise).
-
-    ``torch.amp.GradScaler`` works with FSDP2: gradients are DTensors, and DTensor's handler for the
-    unscale kernel reduces the found-inf flag over the mesh, so every rank skips the same steps
-    (``ShardedGradScaler`` is only needed for FSDP1's flat parameters).
-    """
-    if precision != "fp16_mixed":
-        return None
-    return torch.amp.GradScaler(device.type)
-
-
 def peak_rss_mb() -> float:
     """This process's peak resident host memory so far, in MB (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
