@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 from pathlib import Path
 
 import pytest
@@ -47,23 +46,27 @@ def _save_tokenizer(dst: Path) -> None:
             shutil.copy(BUNDLED_MODEL_DIR / name, dst / name)
 
 
-@pytest.fixture(scope="session")
-def tiny_llama_dir(tmp_path_factory) -> Path:
+def save_llama(d: Path, **shape) -> Path:
+    """A seeded random Llama with the bundled tokenizer, saved to ``d`` (``shape`` overrides the tiny one)."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     from shardtune.configs.paths import BUNDLED_MODEL_DIR
 
-    d = tmp_path_factory.mktemp("tiny_llama")
     tok = AutoTokenizer.from_pretrained(BUNDLED_MODEL_DIR)
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=len(tok), max_position_embeddings=1024,
-                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                      tie_word_embeddings=False)
+    dims = {**dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=2), **shape}
+    cfg = LlamaConfig(**dims, vocab_size=len(tok), max_position_embeddings=1024, bos_token_id=tok.bos_token_id,
+                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, tie_word_embeddings=False)
     torch.manual_seed(0)
     LlamaForCausalLM(cfg).save_pretrained(d)
     _save_tokenizer(d)
     return d
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory) -> Path:
+    return save_llama(tmp_path_factory.mktemp("tiny_llama"))
 
 
 @pytest.fixture(scope="session")
@@ -85,8 +88,6 @@ def tiny_gpt2_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture()
 def free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
+    from test_fsdp_support import free_port as pick_port
+
+    return pick_port()

@@ -36,21 +36,10 @@ def _torchrun(args, out_dir: Path) -> str:
 @pytest.fixture(scope="module")
 def medium_llama_dir(tmp_path_factory) -> Path:
     """74M parameters (296 MB in fp32): big enough for the memory difference to stand out of the noise."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from conftest import save_llama
 
-    from shardtune.configs.paths import BUNDLED_MODEL_DIR
-
-    d = tmp_path_factory.mktemp("medium_llama")
-    tok = AutoTokenizer.from_pretrained(BUNDLED_MODEL_DIR)
-    cfg = LlamaConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=8, num_attention_heads=8,
-                      num_key_value_heads=4, vocab_size=len(tok), max_position_embeddings=1024,
-                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                      tie_word_embeddings=False)
-    torch.manual_seed(0)
-    LlamaForCausalLM(cfg).save_pretrained(d)
-    tok.save_pretrained(d)
-    return d
+    return save_llama(tmp_path_factory.mktemp("medium_llama"), hidden_size=768, intermediate_size=3072,
+                      num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4)
 
 
 def test_low_cpu_fsdp_rank0_alone_reads_the_weights(medium_llama_dir, tmp_path):
