@@ -94,17 +94,7 @@ def run_ranks(world: int, kwargs: dict, result_dir: Path, *, timeout: float = 12
     result_dir.mkdir(parents=True, exist_ok=True)
     for f in result_dir.glob("rank*.json"):
         f.unlink()
-    ctx = mp.start_processes(_worker, args=(world, free_port(), kwargs, str(result_dir), env or {}), nprocs=world,
-                             start_method="fork", join=False)
-    deadline = time.monotonic() + timeout
-    try:
-        while not ctx.join(timeout=1.0):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{world}-rank run did not finish in {timeout}s")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                os.kill(p.pid, signal.SIGKILL)
+    _fork_and_join(_worker, (world, free_port(), kwargs, str(result_dir), env or {}), world, timeout)
     results = []
     for r in range(world):
         path = result_dir / f"rank{r}.json"
@@ -120,6 +110,21 @@ def run_ranks(world: int, kwargs: dict, result_dir: Path, *, timeout: float = 12
         e = errors[0]
         raise AssertionError(f"rank {e['rank']} failed: {e['error']}\n{e['traceback']}\nlog:\n{e['log'][-3000:]}")
     return results
+
+
+def _fork_and_join(worker, args: tuple, world: int, timeout: float) -> None:
+    """Fork ``world`` ranks of ``worker(rank, *args)`` and wait; ranks still alive at the deadline are killed so
+    that a hung collective cannot hang the test session."""
+    ctx = mp.start_processes(worker, args=args, nprocs=world, start_method="fork", join=False)
+    deadline = time.monotonic() + timeout
+    try:
+        while not ctx.join(timeout=1.0):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{world}-rank run of {worker.__name__} did not finish in {timeout}s")
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                os.kill(p.pid, signal.SIGKILL)
 
 
 def base_kwargs(model_dir, out_dir, **overrides) -> dict:
@@ -167,17 +172,7 @@ def run_fn_ranks(fn, world: int, result_dir: Path, timeout: float = 60.0) -> lis
     warm_imports()
     result_dir = Path(result_dir)
     result_dir.mkdir(parents=True, exist_ok=True)
-    ctx = mp.start_processes(_fn_worker, args=(world, free_port(), fn, str(result_dir)), nprocs=world,
-                             start_method="fork", join=False)
-    deadline = time.monotonic() + timeout
-    try:
-        while not ctx.join(timeout=1.0):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{world}-rank function did not finish in {timeout}s")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                os.kill(p.pid, signal.SIGKILL)
+    _fork_and_join(_fn_worker, (world, free_port(), fn, str(result_dir)), world, timeout)
     results = [json.loads((result_dir / f"fn_rank{r}.json").read_text()) for r in range(world)]
     for r in results:
         if "error" in r:

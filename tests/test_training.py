@@ -12,13 +12,9 @@ from safetensors.torch import load_file
 
 from shardtune.finetuning import main
 from shardtune.utils.metrics import read_metrics
+from test_fsdp_support import step_losses as _step_losses
 
 QUICK = dict(context_length=128, run_validation=False, num_epochs=1, save_metrics=True, precision="fp32")
-
-
-def _step_losses(out_dir: Path) -> list:
-    (metrics,) = Path(out_dir).glob("metrics_*.jsonl")
-    return [r["loss"] for r in read_metrics(metrics) if r["kind"] == "train_step"]
 
 
 def test_gradient_accumulation_equals_bigger_batch(tiny_llama_dir, tmp_path):
