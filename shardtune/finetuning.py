@@ -17,7 +17,7 @@ import torch
 
 from shardtune.utils import distributed
 from shardtune.utils.config_utils import (ConfigError, RunConfigs, dump_resolved, format_help, parse_cli,
-                                          resolve_precision, save_resolved)
+                                          resolve_compile, resolve_precision, save_resolved)
 from shardtune.utils.logging import log, warn
 
 
@@ -85,7 +85,10 @@ def main(**kwargs) -> dict:
 
         check_peft_supported(run, model_config.model_type)
 
-    # 2. Processes, device, seeds, precision.
+    # 2. Processes, device, seeds, precision. (The CUDA allocator is configured before CUDA starts.)
+    from shardtune.utils.memory_utils import configure_cuda_allocator
+
+    allocator_note = configure_cuda_allocator()
     dist_info = distributed.setup(t.enable_fsdp)
     device = dist_info.device
     seed_everything(t.seed)
@@ -100,7 +103,8 @@ def main(**kwargs) -> dict:
         log("--> no --model_name: embedded demo with the bundled tiny Llama and Alpaca sample; preset "
             + ", ".join(f"{k.split('.')[-1]}={v}" for k, v in DEMO_PRESET.items()) + " (flags override)")
     log(f"--> resolved config (also in {output_dir / 'run_config.yaml'}):\n{dump_resolved(run)}")
-    log(f"--> device {device} x {dist_info.world_size} process(es), precision {precision}")
+    log(f"--> device {device} x {dist_info.world_size} process(es), precision {precision}"
+        + (f"; {allocator_note}" if device.type == "cuda" else ""))
     if t.enable_fsdp and dist_info.distributed:
         from shardtune.utils.fsdp_utils import check_fsdp_config
 
@@ -139,7 +143,8 @@ def main(**kwargs) -> dict:
     if resume and resume.adapter_dir:
         t.from_peft_checkpoint = str(resume.adapter_dir)
     lm = load_model(weights, precision, device, use_fast_kernels=t.use_fast_kernels, bnb_config=bnb_config,
-                    meta=meta)
+                    meta=meta, attn_implementation=t.attn_implementation,
+                    prompt_learning=t.use_peft and t.peft_method == "prefix")
     export_dtype = getattr(model_config, "dtype", None) or torch.float32
     if isinstance(export_dtype, str):
         export_dtype = getattr(torch, export_dtype)
@@ -154,6 +159,10 @@ def main(**kwargs) -> dict:
 
         lm = apply_peft(lm, run)
     model = CausalLMWithLoss(lm)
+    if resolve_compile(run, device):
+        from shardtune.policies.compile import compile_decoder_layers
+
+        compile_decoder_layers(model)
     total = sum(p.numel() for p in model.parameters())
     log(f"--> model {t.model_name}: {total / 1e6:.2f}M parameters, "
         f"{sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.2f}M trainable")

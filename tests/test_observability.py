@@ -195,7 +195,8 @@ def test_step_line_format():
                tflops=402.1, mfu=0.4066, peak_mem_gb=23.4)
     line = format_step_line(rec, num_epochs=3)
     assert line == ("step 20 | epoch 1/3 | loss 2.3416 | ppl 10.40 | lr 1.00e-04 | grad_norm 0.874 | "
-                    "tok/s/gpu 12.3k | TFLOP/s/gpu 402 | MFU 40.7% | peak_mem 23.4 GB")
+                    "tok/s/gpu 12.3k (incl. padding) | TFLOP/s/gpu 402 | MFU 40.7% | peak_mem 23.4 GB")
+    assert format_step_line({**rec, "peak_reserved_gb": 25.04}).endswith("| peak_mem 23.4 GB (reserved 25.0)")
     assert "MFU" not in format_step_line({**rec, "mfu": None})  # CPU: TFLOP/s only
 
 

@@ -181,4 +181,4 @@ def test_real_pretrained_smollm2_lora_loss_falls(shared_data, tmp_path):
 
 def test_use_fast_kernels_logs_the_attention_choice(tiny_llama_dir, tmp_path, capsys):
     main(model_name=str(tiny_llama_dir), use_fast_kernels=True, max_train_step=1, output_dir=str(tmp_path), **QUICK)
-    assert "--> attention: sdpa (CPU: no fused attention kernels exist here)" in capsys.readouterr().out
+    assert "--> attention: sdpa (CPU: " in capsys.readouterr().out

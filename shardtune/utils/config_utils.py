@@ -289,6 +289,7 @@ def _set(run: RunConfigs, key: str, value: Any) -> None:
 # Validation of values and combinations: all of it runs before anything is loaded.
 # ---------------------------------------------------------------------------------------------
 PRECISIONS = ("auto", "fp32", "bf16_mixed", "fp16_mixed", "bf16_pure")
+ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "flex_attention", "eager", "flash_attention_2")
 
 
 def validate(run: RunConfigs) -> None:
@@ -305,6 +306,10 @@ def validate(run: RunConfigs) -> None:
     need(t.batching_strategy in ("packing", "padding"),
          f"--batching_strategy: expected 'packing' or 'padding', got {t.batching_strategy!r}")
     need(t.precision in PRECISIONS, f"--precision: expected one of {' | '.join(PRECISIONS)}, got {t.precision!r}")
+    need(t.attn_implementation in ATTN_IMPLEMENTATIONS, f"--attn_implementation: expected one of "
+         f"{' | '.join(ATTN_IMPLEMENTATIONS)}, got {t.attn_implementation!r}")
+    need(str(t.torch_compile).lower() in ("auto",) + tuple(_TRUE | _FALSE),
+         f"--torch_compile: expected auto, True or False, got {t.torch_compile!r}")
     for name in ("batch_size_training", "val_batch_size", "gradient_accumulation_steps", "context_length"):
         need(getattr(t, name) >= 1, f"--{name}: must be >= 1, got {getattr(t, name)}")
     for name in ("num_epochs", "max_train_step", "max_eval_step", "num_workers_dataloader", "save_every_n_steps",
@@ -348,6 +353,13 @@ def validate(run: RunConfigs) -> None:
     q = run.quantization
     need(q.quant_type in ("fp4", "nf4"), f"--quantization_config.quant_type: expected 'fp4' or 'nf4', got "
                                          f"{q.quant_type!r}")
+
+
+def resolve_compile(run: RunConfigs, device: torch.device) -> bool:
+    """--torch_compile: auto means per-layer torch.compile on CUDA GPUs only (Triton kernels; on CPU the
+    compile time is not repaid in a fine-tuning run)."""
+    value = str(run.train.torch_compile).strip().lower()
+    return device.type == "cuda" if value == "auto" else value in _TRUE
 
 
 def resolve_precision(run: RunConfigs, device: torch.device) -> str:
@@ -415,4 +427,5 @@ def dump_resolved(run: RunConfigs) -> str:
 
 
 __all__ = ["ConfigError", "RunConfigs", "parse_cli", "validate", "coerce", "format_help", "resolve_precision",
+           "resolve_compile",
            "save_resolved", "dump_resolved"]

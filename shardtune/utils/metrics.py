@@ -8,7 +8,8 @@ owns the file and the trackers: the loop calls ``write`` only there.
 ``train_step`` fields: step, epoch, loss (token-weighted over the step and all ranks), perplexity, lr,
 grad_norm, tokens (supervised, all ranks), input_tokens (all input tokens, all ranks), step_time_s,
 tokens_per_s (input tokens per second per GPU/process), model_flops (analytic, all ranks), tflops (per
-GPU), mfu (fraction, or null without a known peak), peak_mem_gb. ``epoch`` fields: epoch, step,
+GPU), mfu (fraction, or null without a known peak), peak_mem_gb (device peak allocated on GPUs, host
+peak RSS on CPU), peak_reserved_gb (GPUs: the caching allocator's peak; null on CPU). ``epoch`` fields: epoch, step,
 train_loss, train_perplexity, eval_loss, eval_perplexity, epoch_time_s and the memory peaks.
 """
 from __future__ import annotations
@@ -78,20 +79,22 @@ def _si(x: float) -> str:
 
 def format_step_line(record: dict, num_epochs: Optional[int] = None) -> str:
     """The per-step log line, e.g.
-    ``step 20 | epoch 1/3 | loss 2.3416 | ppl 10.40 | lr 1.00e-04 | grad_norm 0.874 | tok/s/gpu 12.3k |
-    TFLOP/s/gpu 402 | MFU 40.6% | peak_mem 23.4 GB``. MFU is left out when no peak is known (CPU)."""
+    ``step 20 | epoch 1/3 | loss 2.3416 | ppl 10.40 | lr 1.00e-04 | grad_norm 0.874 | tok/s/gpu 12.3k (incl.
+    padding) | TFLOP/s/gpu 402 | MFU 40.6% | peak_mem 23.4 GB (reserved 25.0)``. MFU is left out when no peak is
+    known (CPU); reserved memory is shown on GPUs only."""
     epoch = record["epoch"] + 1
     parts = [f"step {record['step']}", f"epoch {epoch}/{num_epochs}" if num_epochs else f"epoch {epoch}",
              f"loss {record['loss']:.4f}", f"ppl {record['perplexity']:.2f}", f"lr {record['lr']:.2e}",
              f"grad_norm {record['grad_norm']:.3f}"]
-    if record.get("tokens_per_s") is not None:
-        parts.append(f"tok/s/gpu {_si(record['tokens_per_s'])}")
+    if record.get("tokens_per_s") is not None:  # all input tokens: padding included
+        parts.append(f"tok/s/gpu {_si(record['tokens_per_s'])} (incl. padding)")
     if record.get("tflops") is not None:
         parts.append(f"TFLOP/s/gpu {record['tflops']:.3g}")
     if record.get("mfu") is not None:
         parts.append(f"MFU {100 * record['mfu']:.1f}%")
     if record.get("peak_mem_gb") is not None:
-        parts.append(f"peak_mem {record['peak_mem_gb']:.1f} GB")
+        reserved = record.get("peak_reserved_gb")
+        parts.append(f"peak_mem {record['peak_mem_gb']:.1f} GB" + (f" (reserved {reserved:.1f})" if reserved else ""))
     return " | ".join(parts)
 
 

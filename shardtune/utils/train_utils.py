@@ -21,7 +21,8 @@ from shardtune.utils import distributed
 from shardtune.utils.config_utils import RunConfigs
 from shardtune.utils.logging import log
 from shardtune.utils.loss import count_supervised_tokens
-from shardtune.utils.memory_utils import GB, MemoryTracker, device_peak_allocated_bytes, host_peak_rss_bytes
+from shardtune.utils.memory_utils import (GB, MemoryTracker, device_peak_allocated_bytes, device_peak_reserved_bytes,
+                                         host_peak_rss_bytes)
 from shardtune.utils.metrics import MetricsWriter, StepObserver, format_step_line, perplexity
 
 
@@ -186,7 +187,8 @@ def train(model, train_loader, eval_loader, optimizer, lr_scheduler, ctx: TrainC
                           step_time_s=step_time, tokens_per_s=global_inputs / world / step_time,
                           model_flops=global_flops, tflops=tflops,
                           mfu=tflops / ctx.peak_tflops if tflops is not None and ctx.peak_tflops else None,
-                          peak_mem_gb=round(peak_mem / GB, 1))
+                          peak_mem_gb=round(peak_mem / GB, 1),
+                          peak_reserved_gb=round((device_peak_reserved_bytes(ctx.device) or 0) / GB, 1) or None)
             if distributed.is_main():
                 ctx.metrics.write("train_step", **record)
                 if state.step % t.log_every_n_steps == 0:
