@@ -53,6 +53,8 @@ LEVERS = {
     "old": (["--attn_implementation", "sdpa", "--torch_compile", "False"], {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:False"}),
     "fixedseg": ([], {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:False"}),
     "lowcpu": (["--low_cpu_fsdp"], {}),
+    "ac2": (["--fsdp_config.ac_every_n_layers", "2"], {}),
+    "flexonly": (["--torch_compile", "False"], {}),
 }
 
 

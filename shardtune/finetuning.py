@@ -142,12 +142,17 @@ def main(**kwargs) -> dict:
     weights = str(resume.model_dir) if resume and resume.model_dir else t.model_name
     if resume and resume.adapter_dir:
         t.from_peft_checkpoint = str(resume.adapter_dir)
-    lm = load_model(weights, precision, device, use_fast_kernels=t.use_fast_kernels, bnb_config=bnb_config,
-                    meta=meta, attn_implementation=t.attn_implementation,
-                    prompt_learning=t.use_peft and t.peft_method == "prefix")
     export_dtype = getattr(model_config, "dtype", None) or torch.float32
     if isinstance(export_dtype, str):
         export_dtype = getattr(torch, export_dtype)
+    # Sharded on GPUs: read the checkpoint's dtype; shard_model upcasts one FSDP unit at a time on the GPU,
+    # so no rank holds an fp32 copy of the whole model in host memory.
+    upcast_on_gpu = (t.enable_fsdp and dist_info.distributed and device.type == "cuda" and not t.low_cpu_fsdp
+                     and not run.fsdp.fsdp_cpu_offload and bnb_config is None and weights == t.model_name)
+    lm = load_model(weights, precision, device, use_fast_kernels=t.use_fast_kernels, bnb_config=bnb_config,
+                    meta=meta, attn_implementation=t.attn_implementation,
+                    prompt_learning=t.use_peft and t.peft_method == "prefix",
+                    dtype=export_dtype if upcast_on_gpu else None)
     if not meta:
         maybe_resize_embeddings(lm, tokenizer)
     elif len(tokenizer) > lm.get_input_embeddings().weight.shape[0]:  # shapes only: rank 0 broadcasts values

@@ -40,6 +40,9 @@ class fsdp_config:
                                          "FULL_STATE_DICT (a Hugging Face folder gathered on rank 0).")
     fsdp_activation_checkpointing: bool = doc(True, "Recompute each decoder layer's activations in backward "
                                                     "(non-reentrant), applied once.")
+    ac_every_n_layers: int = doc(1, "With fsdp_activation_checkpointing: checkpoint every n-th decoder layer only "
+                                    "(1: all, as the reference; 2: every second layer, about half the recompute "
+                                    "for about half the activation memory of the others).")
     fsdp_cpu_offload: bool = doc(False, "Keep sharded parameters, gradients and optimizer state in host memory "
                                         "(GPU runs only).")
     pure_bf16: bool = doc(False, "bf16 parameters, gradients and optimizer state (no fp32 master weights).")

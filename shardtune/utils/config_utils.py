@@ -315,6 +315,7 @@ def validate(run: RunConfigs) -> None:
     for name in ("num_epochs", "max_train_step", "max_eval_step", "num_workers_dataloader", "save_every_n_steps",
                  "flop_counter_start", "num_freeze_layers"):
         need(getattr(t, name) >= 0, f"--{name}: must be >= 0, got {getattr(t, name)}")
+    need(f.ac_every_n_layers >= 1, f"--fsdp_config.ac_every_n_layers: must be >= 1, got {f.ac_every_n_layers}")
     need(t.log_every_n_steps >= 1, f"--log_every_n_steps: must be >= 1, got {t.log_every_n_steps}")
     need(t.keep_last_n_checkpoints >= 1, f"--keep_last_n_checkpoints: must be >= 1, got {t.keep_last_n_checkpoints}")
     need(t.lr > 0, f"--lr: must be > 0, got {t.lr}")

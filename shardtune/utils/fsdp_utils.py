@@ -30,6 +30,7 @@ from typing import Optional, Tuple
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from shardtune.configs.fsdp import ShardingStrategy
 from shardtune.utils.config_utils import ConfigError, RunConfigs
@@ -137,16 +138,21 @@ def shard_model(model: nn.Module, run: RunConfigs, dist_info: DistInfo, precisio
     units_msg = describe_units(model)
     layers = fsdp_units(model)
     if f.fsdp_activation_checkpointing:
-        layers = apply_activation_checkpointing(model, layers)
+        every = f.ac_every_n_layers
+        wrapped = iter(apply_activation_checkpointing(model, layers[::every]))
+        layers = [next(wrapped) if i % every == 0 else layer for i, layer in enumerate(layers)]
 
     offload = OffloadPolicy()
     if f.fsdp_cpu_offload:
         offload = CPUOffloadPolicy(pin_memory=True)
     kwargs = dict(mesh=mesh, mp_policy=mp_policy_for(precision), offload_policy=offload)
+    place = UnitPlacer(precision, None if on_meta or f.fsdp_cpu_offload else device, frozen_in_compute_dtype=t.use_peft)
     for layer in layers:
+        place(layer.parameters())
         fully_shard(layer, reshard_after_forward=plan.reshard_after_forward, **kwargs)
     # The root's parameters (embeddings, final norm, output layer) are needed again at the start of
     # backward, so they stay gathered after forward.
+    place(p for p in model.parameters() if not isinstance(p, DTensor))  # what no layer took
     fully_shard(model, reshard_after_forward=False, **kwargs)
 
     if low_cpu:
@@ -159,9 +165,43 @@ def shard_model(model: nn.Module, run: RunConfigs, dist_info: DistInfo, precisio
                 f"peak host RSS so far {rss:.0f} MB")
 
     log(f"--> FSDP2 {plan.description}; mesh {tuple(plan.shape)} {list(plan.dim_names)}; units {units_msg}; "
-        f"{describe(precision)}; activation checkpointing {'on' if f.fsdp_activation_checkpointing else 'off'}; "
+        f"{describe(precision)}; activation checkpointing "
+        f"{_describe_ac(f.fsdp_activation_checkpointing, f.ac_every_n_layers, len(layers))}; "
         f"CPU offload {'on' if f.fsdp_cpu_offload else 'off'}")
     return model
+
+
+def _describe_ac(on: bool, every: int, n_layers: int) -> str:
+    if not on:
+        return "off"
+    return "on" if every == 1 else f"on for {len(range(0, n_layers, every))} of {n_layers} layers (every {every})"
+
+
+class UnitPlacer:
+    """Gives each FSDP unit's parameters their stored dtype just before the unit is sharded.
+
+    * Trainable parameters: the master dtype of the precision mode (fp32 for the mixed modes).
+    * Frozen parameters under PEFT: the compute dtype (bf16 for bf16_mixed): a weight that never gets an
+      update needs no fp32 master copy, and FSDP then neither stores nor all-gathers fp32 for it.
+    * With a ``device``, parameters move there first, so a checkpoint read in its own dtype (bf16) is
+      upcast on the GPU one unit at a time and the host never holds an fp32 copy of the whole model.
+    """
+
+    def __init__(self, precision: str, device: Optional[torch.device], frozen_in_compute_dtype: bool):
+        from shardtune.policies.mixed_precision import mp_policy_for
+        from shardtune.utils.model_utils import MASTER_DTYPE
+
+        self.master = MASTER_DTYPE[precision]
+        self.frozen = (mp_policy_for(precision).param_dtype or self.master) if frozen_in_compute_dtype else self.master
+        self.device = device
+
+    def __call__(self, params) -> None:
+        for p in params:
+            if not p.is_floating_point():
+                continue
+            want = self.master if p.requires_grad else self.frozen
+            if p.dtype != want or (self.device is not None and p.device != self.device):
+                p.data = p.data.to(device=self.device or p.device, dtype=want)
 
 
 def cast_parameters(model: nn.Module, dtype: torch.dtype) -> None:

@@ -130,8 +130,9 @@ def pick_attention(requested: str, use_fast_kernels: bool, device: torch.device,
 
 def load_model(name: str, precision: str, device: torch.device, *, use_fast_kernels: bool = False,
                attn_implementation: str = "auto", prompt_learning: bool = False, bnb_config=None,
-               meta: bool = False):
-    """A causal LM with master weights in the dtype ``precision`` asks for.
+               meta: bool = False, dtype: Optional[torch.dtype] = None):
+    """A causal LM with master weights in the dtype ``precision`` asks for (or in ``dtype``: sharded runs
+    read the checkpoint's own dtype and upcast per FSDP unit on the GPU, see fsdp_utils.UnitPlacer).
 
     meta=True builds the architecture on the meta device without reading weights (low_cpu_fsdp ranks
     other than 0 receive the weights later by broadcast).
@@ -140,7 +141,7 @@ def load_model(name: str, precision: str, device: torch.device, *, use_fast_kern
 
     src = ModelSource.parse(name)
     config = load_model_config(src)
-    dtype = MASTER_DTYPE[precision]
+    dtype = dtype or MASTER_DTYPE[precision]
     attn = pick_attention(attn_implementation, use_fast_kernels, device, config, prompt_learning)
     if meta:
         with torch.device("meta"):
