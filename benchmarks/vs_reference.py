@@ -54,7 +54,6 @@ LEVERS = {
     "fixedseg": ([], {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:False"}),
     "lowcpu": (["--low_cpu_fsdp"], {}),
     "ac2": (["--fsdp_config.ac_every_n_layers", "2"], {}),
-    "flexonly": (["--torch_compile", "False"], {}),
 }
 
 
