@@ -152,6 +152,7 @@ def main(**kwargs) -> dict:
     lm = load_model(weights, precision, device, use_fast_kernels=t.use_fast_kernels, bnb_config=bnb_config,
                     meta=meta, attn_implementation=t.attn_implementation,
                     prompt_learning=t.use_peft and t.peft_method == "prefix",
+                    packing=t.batching_strategy == "packing" and collate is None,
                     dtype=export_dtype if upcast_on_gpu else None)
     if not meta:
         maybe_resize_embeddings(lm, tokenizer)

@@ -20,10 +20,11 @@ class train_config:
     use_fast_kernels: bool = doc(False, "Pick the fastest attention available (flash-attn 2 if installed, else PyTorch "
                                         "SDPA with its flash/cuDNN backends) and log which one was chosen.")
     attn_implementation: str = doc("auto", "auto | sdpa | flex_attention | eager | flash_attention_2. 'auto': "
-                                           "flex_attention on CUDA GPUs (packed documents kept apart by a sparse "
-                                           "block mask in one compiled kernel; SDPA with an explicit mask loses its "
-                                           "flash kernel), flash_attention_2 with --use_fast_kernels when flash-attn "
-                                           "is installed, sdpa on CPU and for prefix tuning. Logged at start.")
+                                           "flex_attention on CUDA GPUs with packing (packed documents kept apart by "
+                                           "a sparse block mask in one compiled kernel; SDPA with an explicit mask "
+                                           "loses its flash kernel), flash_attention_2 with --use_fast_kernels when "
+                                           "flash-attn is installed, sdpa on CPU, for padded batches and for prefix "
+                                           "tuning. Logged at start.")
     torch_compile: str = doc("auto", "auto | True | False: torch.compile each decoder layer (the first steps pay the "
                                      "compile time). 'auto': on for CUDA GPUs, off on CPU.")
     quantization: Optional[str] = doc(None, "'4bit' or '8bit' bitsandbytes quantization of the base model (needs the "

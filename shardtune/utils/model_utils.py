@@ -96,7 +96,7 @@ def _supports_flex_attention(config) -> bool:
 
 
 def pick_attention(requested: str, use_fast_kernels: bool, device: torch.device, config=None,
-                   prompt_learning: bool = False) -> Optional[str]:
+                   prompt_learning: bool = False, packing: bool = True) -> Optional[str]:
     """The attention implementation for from_pretrained (--attn_implementation), logged once.
 
     Why flex_attention on GPUs: packed blocks keep documents apart through position_ids that restart at
@@ -114,6 +114,10 @@ def pick_attention(requested: str, use_fast_kernels: bool, device: torch.device,
             requested, why = "sdpa", "CPU: no fused kernel for packed documents here; SDPA with the document mask"
         elif prompt_learning:
             requested, why = "sdpa", "prefix tuning feeds a KV cache, which the packed-document BlockMask does not take"
+        elif not packing:
+            # Padded batches change length from batch to batch: FlexAttention would recompile for new lengths,
+            # and there are no documents to keep apart, so SDPA's own kernels are the right choice.
+            requested, why = "sdpa", "padded batches (no packed documents)"
         elif config is not None and not _supports_flex_attention(config):
             requested, why = "sdpa", f"{config.model_type} has no flex_attention support in transformers"
         else:
@@ -130,7 +134,7 @@ def pick_attention(requested: str, use_fast_kernels: bool, device: torch.device,
 
 def load_model(name: str, precision: str, device: torch.device, *, use_fast_kernels: bool = False,
                attn_implementation: str = "auto", prompt_learning: bool = False, bnb_config=None,
-               meta: bool = False, dtype: Optional[torch.dtype] = None):
+               meta: bool = False, dtype: Optional[torch.dtype] = None, packing: bool = True):
     """A causal LM with master weights in the dtype ``precision`` asks for (or in ``dtype``: sharded runs
     read the checkpoint's own dtype and upcast per FSDP unit on the GPU, see fsdp_utils.UnitPlacer).
 
@@ -142,7 +146,7 @@ def load_model(name: str, precision: str, device: torch.device, *, use_fast_kern
     src = ModelSource.parse(name)
     config = load_model_config(src)
     dtype = dtype or MASTER_DTYPE[precision]
-    attn = pick_attention(attn_implementation, use_fast_kernels, device, config, prompt_learning)
+    attn = pick_attention(attn_implementation, use_fast_kernels, device, config, prompt_learning, packing)
     if meta:
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn)

@@ -157,7 +157,11 @@ def _model(model_dir, attn, dtype, compile_layers=False):
 
 @pytest.mark.parametrize("attn", ["flex_attention", "sdpa"])
 def test_document_loss_in_a_packed_block_equals_its_loss_alone(attn, attn_llama_dir):
+    """Each document's loss inside the packed block (``attn``) equals its loss alone through plain causal SDPA
+    (no mask at all: the ground truth). fp32. The alone pass uses SDPA because FlexAttention recompiles for
+    every new length and, for short fp32 sequences, inductor 2.11 finds no flex-decoding kernel (measured)."""
     model = _model(attn_llama_dir, attn, torch.float32)
+    plain = _model(attn_llama_dir, "sdpa", torch.float32)
     block = _packed_block()
     starts = (block["position_ids"][0] == 0).nonzero().flatten().tolist() + [block["input_ids"].shape[1]]
     with torch.no_grad():
@@ -165,7 +169,7 @@ def test_document_loss_in_a_packed_block_equals_its_loss_alone(attn, attn_llama_
             only = torch.full_like(block["labels"], -100)
             only[:, begin:end] = block["labels"][:, begin:end]
             packed = model(input_ids=block["input_ids"], labels=only, position_ids=block["position_ids"])
-            alone = model(input_ids=block["input_ids"][:, begin:end], labels=block["labels"][:, begin:end])
+            alone = plain(input_ids=block["input_ids"][:, begin:end], labels=block["labels"][:, begin:end])
             assert float(packed.loss_sum) == pytest.approx(float(alone.loss_sum), rel=1e-4)
 
 
@@ -179,7 +183,7 @@ def test_flex_path_matches_sdpa_path_in_bf16_loss_and_gradients(attn_llama_dir):
         out = model(**block)
         out.loss_sum.backward()
         grad = model.base_model.model.layers[0].self_attn.q_proj.weight.grad.float()
-        results[name] = (float(out.loss_sum) / int(out.num_tokens), grad)
+        results[name] = (float(out.loss_sum.detach()) / int(out.num_tokens), grad)
     ref_loss, ref_grad = results["sdpa"]
     for name in ("flex", "flex_compiled"):
         loss, grad = results[name]
@@ -192,12 +196,14 @@ def test_flex_path_matches_sdpa_path_in_bf16_loss_and_gradients(attn_llama_dir):
 # Observability and the benchmark harness
 # ---------------------------------------------------------------------------------------------
 def test_profiler_traces_cuda_kernels(tiny_llama_dir, tmp_path):
+    import gzip
+
     launch(quick_flags(tiny_llama_dir, use_profiler=True, max_train_step=7), tmp_path / "prof")
-    traces = [p for p in (tmp_path / "prof").rglob("*") if p.is_file() and "json" in p.name]
+    traces = sorted((tmp_path / "prof" / "profiler").glob("rank0.*.pt.trace.json*"))
     assert traces, list((tmp_path / "prof").rglob("*"))
-    text = traces[0].read_text(errors="replace") if traces[0].suffix == ".json" else ""
-    if text:
-        assert '"cat": "kernel"' in text or '"cat":"kernel"' in text  # GPU kernels, not only CPU ops
+    raw = traces[-1].read_bytes()
+    text = (gzip.decompress(raw) if traces[-1].suffix == ".gz" else raw).decode(errors="replace")
+    assert '"cat": "kernel"' in text or '"cat":"kernel"' in text  # GPU kernels, not only CPU ops
 
 
 @pytest.mark.parametrize("compiled", [False, True])
