@@ -1,0 +1,89 @@
+"""The GPU speed levers' CPU-checkable parts: flag validation, the attention choice, the allocator setting,
+selective activation checkpointing and the stored dtypes of FSDP units. Their GPU effect is measured in
+benchmarks/README.md and exercised in tests/gpu."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from shardtune.utils.config_utils import ConfigError, parse_cli, resolve_compile
+from shardtune.utils.model_utils import pick_attention
+
+CUDA, CPU = torch.device("cuda"), torch.device("cpu")  # pick_attention only looks at the device type
+
+
+@pytest.mark.parametrize("flags, message", [
+    ({"attn_implementation": "flash3"}, "--attn_implementation: expected one of auto | sdpa | flex_attention"),
+    ({"torch_compile": "sometimes"}, "--torch_compile: expected auto, True or False"),
+    ({"fsdp_config.ac_every_n_layers": 0}, "--fsdp_config.ac_every_n_layers: must be >= 1"),
+])
+def test_bad_flag_values_get_one_line(flags, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_cli(flags)
+
+
+def test_torch_compile_auto_is_on_for_cuda_only():
+    assert resolve_compile(parse_cli({}), CUDA) and not resolve_compile(parse_cli({}), CPU)
+    assert resolve_compile(parse_cli({"torch_compile": True}), CPU)
+    assert not resolve_compile(parse_cli({"torch_compile": "False"}), CUDA)
+
+
+def test_attention_auto_choice(capsys):
+    from transformers import GPT2Config, LlamaConfig
+
+    assert pick_attention("auto", False, CUDA, LlamaConfig()) == "flex_attention"
+    assert "--> attention: flex_attention (CUDA:" in capsys.readouterr().out
+    assert pick_attention("auto", False, CPU, LlamaConfig()) == "sdpa"
+    assert pick_attention("auto", False, CUDA, LlamaConfig(), packing=False) == "sdpa"
+    assert pick_attention("auto", False, CUDA, LlamaConfig(), prompt_learning=True) == "sdpa"
+    gpt2_flex = pick_attention("auto", False, CUDA, GPT2Config())
+    assert gpt2_flex in ("flex_attention", "sdpa")  # whatever transformers declares for GPT-2
+    assert pick_attention("eager", False, CUDA, LlamaConfig()) == "eager"
+
+
+def test_flash_attention_2_without_the_package_is_one_line():
+    import importlib.util
+
+    if importlib.util.find_spec("flash_attn") is not None:
+        pytest.skip("flash-attn is installed here")
+    with pytest.raises(ConfigError, match="flash_attention_2 needs the flash-attn package"):
+        pick_attention("flash_attention_2", False, CUDA)
+
+
+def test_allocator_setting_respects_the_user(monkeypatch):
+    from shardtune.utils.memory_utils import ALLOCATOR_SETTING, configure_cuda_allocator
+
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    monkeypatch.delenv("PYTORCH_ALLOC_CONF", raising=False)
+    assert "expandable_segments:True" in configure_cuda_allocator()
+    import os
+
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == ALLOCATOR_SETTING
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "backend:cudaMallocAsync")
+    assert configure_cuda_allocator() == "CUDA allocator: PYTORCH_CUDA_ALLOC_CONF=backend:cudaMallocAsync (yours)"
+
+
+def test_unit_placer_keeps_trainable_masters_and_stores_frozen_weights_in_the_compute_dtype():
+    from shardtune.utils.fsdp_utils import UnitPlacer
+
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4)).to(torch.bfloat16)  # as read from a bf16 checkpoint
+    model[0].requires_grad_(False)
+    UnitPlacer("bf16_mixed", None, frozen_in_compute_dtype=True)(model.parameters())
+    assert model[0].weight.dtype == torch.bfloat16 and model[1].weight.dtype == torch.float32
+    UnitPlacer("bf16_mixed", None, frozen_in_compute_dtype=False)(model.parameters())  # full fine-tuning
+    assert model[0].weight.dtype == torch.float32
+    UnitPlacer("bf16_pure", CPU, frozen_in_compute_dtype=True)(model.parameters())
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+
+
+def test_ac_every_n_layers_checkpoints_a_subset_with_unchanged_losses(tiny_llama_dir, tmp_path):
+    """2 ranks (gloo), fp32: checkpointing 1 of 2 layers logs so and trains exactly like checkpointing both."""
+    from test_fsdp_support import base_kwargs, run_ranks, step_losses
+
+    ac = {"fsdp_config.fsdp_activation_checkpointing": True}
+    run_ranks(2, base_kwargs(tiny_llama_dir, tmp_path / "all", **ac), tmp_path / "r_all")
+    half = run_ranks(2, base_kwargs(tiny_llama_dir, tmp_path / "half", **ac, **{"fsdp_config.ac_every_n_layers": 2}),
+                     tmp_path / "r_half")
+    assert "activation checkpointing on for 1 of 2 layers (every 2)" in half[0]["log"]
+    assert step_losses(tmp_path / "half") == pytest.approx(step_losses(tmp_path / "all"), abs=1e-6)
