@@ -17,8 +17,9 @@ class train_config:
                           "Hugging Face hub id or local directory of a causal LM. Default: the tiny Llama that "
                           "ships inside the package (the reference's default was the placeholder 'PATH/to/Model').")
     tokenizer_name: Optional[str] = doc(None, "Tokenizer hub id or directory; defaults to model_name.")
-    use_fast_kernels: bool = doc(False, "Pick the fastest attention available (flash-attn 2 if installed, else PyTorch "
-                                        "SDPA with its flash/cuDNN backends) and log which one was chosen.")
+    use_fast_kernels: bool = doc(False, "With --attn_implementation auto: use flash_attention_2 when the flash-attn "
+                                        "package is installed (otherwise the auto choice stands: FlexAttention for "
+                                        "packed batches on GPUs, SDPA elsewhere). The choice is logged.")
     attn_implementation: str = doc("auto", "auto | sdpa | flex_attention | eager | flash_attention_2. 'auto': "
                                            "flex_attention on CUDA GPUs with packing (packed documents kept apart by "
                                            "a sparse block mask in one compiled kernel; SDPA with an explicit mask "

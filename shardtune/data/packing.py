@@ -4,7 +4,8 @@ How documents are kept apart: every block carries ``position_ids`` that restart 
 document start, and no ``attention_mask``. Transformers (``masking_utils.find_packed_sequence_indices``)
 turns restarting position ids into a block-diagonal causal mask for SDPA, eager and FlexAttention,
 and flash-attention uses them as varlen boundaries. Verified in tests/test_packing.py on SDPA and
-eager: a document's loss inside a block equals its loss alone. Two conditions, both met by
+eager, and in tests/gpu on FlexAttention (the CUDA default): a document's loss inside a block equals
+its loss alone. Two conditions, both met by
 utils/loss.CausalLMWithLoss: no ``attention_mask`` is passed, and no KV cache (``use_cache=False``);
 with either, transformers silently falls back to one causal mask over the whole block. (PEFT
 prefix tuning passes a cache, so data/loader.py uses padded batches for it.)
