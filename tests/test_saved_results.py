@@ -188,3 +188,135 @@ def test_replace_directory_swaps_without_a_gap(tmp_path):
     (tmp_path / "x").mkdir()
     assert _exchange(tmp_path / "x", tmp_path / "model")  # Linux: one atomic swap, never a missing folder
     assert (tmp_path / "x" / "a").read_text() == "new"
+
+
+# ---------------------------------------------------------------------------------------------
+# One run per output folder
+# ---------------------------------------------------------------------------------------------
+def test_a_folder_in_use_is_refused_and_a_dead_runs_lock_is_taken_over(tiny_llama_dir, tmp_path):
+    import os
+    import signal
+
+    from shardtune.model_checkpointing.output_dir import lock_output_dir, release_locks
+
+    out = tmp_path / "out"
+    out.mkdir()
+    lock_output_dir(out)  # this process is the live run holding the folder
+    try:
+        results = run_ranks(2, base_kwargs(tiny_llama_dir, out), tmp_path / "r1", expect_error=True)
+        for r in results:
+            assert "is in use by another running shardtune run" in r["error"]
+    finally:
+        release_locks()
+    pid = os.fork()
+    if pid == 0:  # a run that takes the lock and is killed
+        lock_output_dir(out)
+        os.kill(os.getpid(), signal.SIGKILL)
+    os.waitpid(pid, 0)
+    run_ranks(2, base_kwargs(tiny_llama_dir, out), tmp_path / "r2")  # its lock died with it
+    assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []  # the lock is no file
+
+
+def test_a_new_run_never_mixes_with_an_earlier_runs_results(tiny_llama_dir, tmp_path):
+    out = tmp_path / "out"
+    flags = dict(save_model=True, save_every_n_steps=1, keep_last_n_checkpoints=2)
+    run_ranks(2, base_kwargs(tiny_llama_dir, out, **flags), tmp_path / "r1")
+    first_id = json.loads((out / "run.json").read_text())["run_id"]
+    results = run_ranks(2, base_kwargs(tiny_llama_dir, out, **flags), tmp_path / "r2", expect_error=True)
+    assert all("holds the results of an earlier run" in r["error"] and "--overwrite_output_dir" in r["error"]
+               for r in results)
+    results = run_ranks(2, base_kwargs(tiny_llama_dir, out, overwrite_output_dir=True, max_train_step=2, **flags),
+                        tmp_path / "r3")
+    assert "--overwrite_output_dir: removing" in results[0]["log"]
+    root = out / "checkpoints" / "fine-tuned"
+    states = [json.loads((p / "state.json").read_text()) for p in sorted(root.iterdir())]
+    assert [s["train_state"]["step"] for s in states] == [1, 2]  # the old step 3 is gone, not resumed from
+    assert len({s["run_id"] for s in states}) == 1 and states[0]["run_id"] != first_id
+
+
+def test_auto_only_resumes_the_runs_own_checkpoints(tiny_llama_dir, tmp_path):
+    """Two runs share --dist_checkpoint_root_folder; each resumes its own."""
+    shared = tmp_path / "shared_ckpts"
+    a = base_kwargs(tiny_llama_dir, tmp_path / "A", dist_checkpoint_root_folder=str(shared), save_every_n_steps=1,
+                    keep_last_n_checkpoints=5, max_train_step=2)
+    run_ranks(2, a, tmp_path / "ra")
+    b = {**a, "output_dir": str(tmp_path / "B"), "max_train_step": 3, "overwrite_output_dir": False}
+    run_ranks(2, {**b, "resume_from": ""} if False else b, tmp_path / "rb", expect_error=True)  # shared root: refused
+    b["dist_checkpoint_folder"] = "other"
+    run_ranks(2, b, tmp_path / "rb2")  # B's own folder under the shared root
+    results = run_ranks(2, {**a, "max_train_step": 4, "resume_from": "auto"}, tmp_path / "ra2")
+    assert "resuming from" in results[0]["log"] and "step_000002" in results[0]["log"]
+
+
+# ---------------------------------------------------------------------------------------------
+# A diverged run is never a success
+# ---------------------------------------------------------------------------------------------
+def test_divergence_stops_the_run_without_saving(tiny_llama_dir, tmp_path):
+    results = run_ranks(2, base_kwargs(tiny_llama_dir, tmp_path / "out", lr=1e30, max_train_step=6, save_model=True,
+                                       save_every_n_steps=1), tmp_path / "r", expect_error=True)
+    for r in results:
+        assert r["error"].startswith("TrainingDiverged: training diverged at step ") and "not finite" in r["error"]
+    assert not (tmp_path / "out" / "model").exists()
+    from safetensors import safe_open  # noqa: F401 - every checkpoint written is finite
+    import torch.distributed.checkpoint as dcp
+
+    for ckpt in (tmp_path / "out" / "checkpoints" / "fine-tuned").glob("step_*"):
+        md = dcp.FileSystemReader(str(ckpt)).read_metadata().state_dict_metadata
+        state = {k: torch.empty(v.size) for k, v in md.items() if k.startswith("model.") and hasattr(v, "size")}
+        dcp.load(state, checkpoint_id=str(ckpt), no_dist=True)
+        assert all(torch.isfinite(t).all() for t in state.values())
+
+
+def test_nonfinite_steps_can_be_skipped_up_to_a_limit(tiny_llama_dir, tmp_path):
+    results = run_ranks(1, base_kwargs(tiny_llama_dir, tmp_path / "out", enable_fsdp=False, lr=1e30, max_train_step=8,
+                                       max_nonfinite_steps=2), tmp_path / "r", expect_error=True)
+    log = results[0]["log"]
+    assert "step skipped (1 of at most 2" in log and "step skipped (2 of at most 2" in log
+    assert results[0]["error"].startswith("TrainingDiverged")
+
+
+def test_the_cli_reports_divergence_in_one_line_with_a_failing_status(tiny_llama_dir, tmp_path):
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parent.parent
+    proc = subprocess.run([sys.executable, str(repo / "finetuning.py"), "--model_name", str(tiny_llama_dir),
+                           "--output_dir", str(tmp_path / "out"), "--lr", "1e30", "--max_train_step", "5",
+                           "--context_length", "64", "--batch_size_training", "2", "--run_validation", "False",
+                           "--num_workers_dataloader", "0"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 1
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "training diverged at step" in errors[0] and "Traceback" not in proc.stderr
+    assert not (tmp_path / "out" / "model").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Pruning and leftovers
+# ---------------------------------------------------------------------------------------------
+def test_pruning_keeps_exactly_the_last_n_and_the_best(tiny_llama_dir, tmp_path):
+    out = tmp_path / "out"
+    data = tmp_path / "small.json"
+    from shardtune.configs.paths import BUNDLED_ALPACA_SAMPLE
+
+    data.write_text(json.dumps(json.loads(Path(BUNDLED_ALPACA_SAMPLE).read_text())[:40]))
+    run_ranks(2, base_kwargs(tiny_llama_dir, out, run_validation=True, max_eval_step=2, num_epochs=3, max_train_step=0,
+                             keep_last_n_checkpoints=1, save_every_n_steps=1, lr=0.3, save_model=True,
+                             **{"alpaca_dataset.data_path": str(data)}), tmp_path / "r")
+    root = out / "checkpoints" / "fine-tuned"
+    best = json.loads((root / "best.json").read_text())["checkpoint"]
+    names = sorted(p.name for p in root.iterdir() if p.is_dir())
+    newest = names[-1]
+    assert names == sorted({best, newest}), names  # exactly the newest 1 plus the best, nothing else
+
+
+def test_leftovers_of_killed_saves_are_cleaned_at_the_next_start(tiny_llama_dir, tmp_path):
+    out = tmp_path / "out"
+    run_ranks(2, base_kwargs(tiny_llama_dir, out, save_every_n_steps=3), tmp_path / "r1")
+    root = out / "checkpoints" / "fine-tuned"
+    for junk in (out / ".tmp-1234abcd-model", root / ".tmp-step_000004", root / ".tmp-del-5678-step_000001",
+                 out / "data_cache" / "tmpab12cd"):
+        junk.mkdir(parents=True) if "cache" not in str(junk) else junk.write_text("partial")
+    results = run_ranks(2, base_kwargs(tiny_llama_dir, out, max_train_step=4, resume_from="auto"), tmp_path / "r2")
+    assert results[0]["log"].count("left by an interrupted save") == 4
+    leftovers = [p for d in (out, root, out / "data_cache") for p in d.iterdir() if p.name.startswith((".tmp", "tmp"))]
+    assert leftovers == []

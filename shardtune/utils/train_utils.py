@@ -180,6 +180,7 @@ def train(model, train_loader, eval_loader, optimizer, lr_scheduler, ctx: TrainC
                     ctx.scaler.update()
                 what = f"step {state.step + 1}: loss {step_loss:.4g}, gradient norm {grad_norm:.4g}"
                 if state.skipped_steps > t.max_nonfinite_steps:
+                    pbar.close()  # the error line then starts a line of its own
                     raise TrainingDiverged(f"training diverged at {what} (not finite); stopped without saving it "
                                            f"(lower --lr, add --gradient_clipping, or skip such steps with "
                                            f"--max_nonfinite_steps N)")
