@@ -194,7 +194,8 @@ def main(**kwargs) -> dict:
         f"{t.context_length} tokens (docs/observability.md)")
     observers = [build_profiler(run, device)] if t.use_profiler else []
     if t.flop_counter:
-        observers.append(FlopCounter(t.flop_counter_start, device, model_flops, peak_tflops))
+        observers.append(FlopCounter(t.flop_counter_start, device, model_flops, peak_tflops,
+                                     recomputes_layers=run.fsdp.fsdp_activation_checkpointing))
     metrics = MetricsWriter(metrics_path, build_trackers(run, output_dir, distributed.is_main()))
 
     # Resumable checkpoints (every --save_every_n_steps and per epoch) and the exported model / adapter

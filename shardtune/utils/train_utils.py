@@ -213,6 +213,7 @@ def train(model, train_loader, eval_loader, optimizer, lr_scheduler, ctx: TrainC
             peak_mem = device_peak_allocated_bytes(ctx.device) or host_peak_rss_bytes()
             record = dict(step=state.step, epoch=epoch, loss=step_loss, perplexity=perplexity(step_loss), lr=lr,
                           grad_norm=grad_norm, tokens=int(global_tokens), input_tokens=int(global_inputs),
+                          seq_len=int(micro_batches[0]["input_ids"].shape[-1]),
                           step_time_s=step_time, tokens_per_s=global_inputs / world / step_time,
                           model_flops=global_flops, tflops=tflops,
                           mfu=tflops / ctx.peak_tflops if tflops is not None and ctx.peak_tflops else None,
