@@ -117,30 +117,48 @@ def test_evaluation_does_not_move_the_rng_a_checkpoint_saves(tiny_llama_dir, tmp
     assert b == a
 
 
-def test_kill_during_the_final_export_is_finished_on_resume(tiny_llama_dir, tmp_path, monkeypatch):
-    """SIGKILL while the adapter is being written (after the checkpoint): no model/ yet, a temporary folder left.
-    Resuming finishes the export: the adapter equals the uninterrupted run's, and the leftover is gone."""
+KILL_POINTS = {  # where the run is SIGKILLed: (module, function, on which call)
+    "during_a_checkpoint_save": ("shardtune.model_checkpointing.integrity", "write_manifest", 2),  # shards written
+    "during_the_final_export": ("shardtune.model_checkpointing.export", "check_adapter", 1),  # files half written
+}
+
+
+@pytest.mark.parametrize("world", [1, 2])
+@pytest.mark.parametrize("point", sorted(KILL_POINTS))
+def test_a_killed_run_resumed_ends_with_the_uninterrupted_result(point, world, tiny_llama_dir, tmp_path, monkeypatch):
+    """SIGKILL in the middle of writing (a checkpoint's shards are on disk but it is not complete; or the adapter
+    export after the last checkpoint), then --resume_from auto: the final adapter is byte-identical to the
+    uninterrupted run's (LoRA dropout on: the RNG streams are restored too), and no leftover remains."""
+    import importlib
     import os
     import signal
 
-    import shardtune.model_checkpointing.export as export
-
-    flags = dict(use_peft=True, save_model=True, max_train_step=3, lora_dropout=0.0)
-    run_ranks(2, base_kwargs(tiny_llama_dir, tmp_path / "A", **flags), tmp_path / "ra")
+    flags = dict(use_peft=True, save_model=True, max_train_step=3, save_every_n_steps=1, enable_fsdp=world > 1,
+                 batch_size_training=4 // world)
+    run_ranks(world, base_kwargs(tiny_llama_dir, tmp_path / "A", **flags), tmp_path / "ra")
+    module, name, nth = KILL_POINTS[point]
+    calls = []
 
     def killed_while_writing(*args, **kwargs):
-        os.kill(os.getpid(), signal.SIGKILL)
+        calls.append(1)
+        if len(calls) == nth:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return original(*args, **kwargs)
 
-    monkeypatch.setattr(export, "check_adapter", killed_while_writing)  # inherited by the forked ranks
+    original = getattr(importlib.import_module(module), name)
+    monkeypatch.setattr(importlib.import_module(module), name, killed_while_writing)  # inherited by forked ranks
     with pytest.raises(Exception, match="SIGKILL|died without a result"):
-        run_ranks(2, base_kwargs(tiny_llama_dir, tmp_path / "B", **flags), tmp_path / "rb1", timeout=60)
+        run_ranks(world, base_kwargs(tiny_llama_dir, tmp_path / "B", **flags), tmp_path / "rb1", timeout=60)
     monkeypatch.undo()
     out = tmp_path / "B"
-    assert not (out / "model").exists() and any(p.name.startswith(".tmp-") for p in out.iterdir())
-    results = run_ranks(2, base_kwargs(tiny_llama_dir, out, resume_from="auto", **flags), tmp_path / "rb2")
+    assert not (out / "model").exists()
+    results = run_ranks(world, base_kwargs(tiny_llama_dir, out, resume_from="auto", **flags), tmp_path / "rb2")
     log = results[0]["log"]
-    assert "the export of step 3 did not finish" in log and "left by an interrupted save" in log
-    assert not any(p.name.startswith(".tmp-") for p in out.iterdir())
+    assert "left by an interrupted save" in log
+    if point == "during_the_final_export":
+        assert "the export of step 3 did not finish" in log
+    leftovers = [p for d in (out, _ckpt_root(out)) for p in d.iterdir() if p.name.startswith(".tmp")]
+    assert leftovers == []
     a = (tmp_path / "A" / "model" / "adapter_model.safetensors").read_bytes()
     assert (out / "model" / "adapter_model.safetensors").read_bytes() == a
 

@@ -240,12 +240,17 @@ def test_auto_only_resumes_the_runs_own_checkpoints(tiny_llama_dir, tmp_path):
     a = base_kwargs(tiny_llama_dir, tmp_path / "A", dist_checkpoint_root_folder=str(shared), save_every_n_steps=1,
                     keep_last_n_checkpoints=5, max_train_step=2)
     run_ranks(2, a, tmp_path / "ra")
-    b = {**a, "output_dir": str(tmp_path / "B"), "max_train_step": 3, "overwrite_output_dir": False}
-    run_ranks(2, {**b, "resume_from": ""} if False else b, tmp_path / "rb", expect_error=True)  # shared root: refused
+    b = {**a, "output_dir": str(tmp_path / "B"), "max_train_step": 3}
+    refused = run_ranks(2, b, tmp_path / "rb", expect_error=True)  # the same checkpoint folder: names would clash
+    assert "holds the results of an earlier run" in refused[0]["error"]
     b["dist_checkpoint_folder"] = "other"
     run_ranks(2, b, tmp_path / "rb2")  # B's own folder under the shared root
+    import shutil
+
+    shutil.copytree(shared / "other" / "step_000003", shared / "fine-tuned" / "step_000003")  # B's, newer than A's
     results = run_ranks(2, {**a, "max_train_step": 4, "resume_from": "auto"}, tmp_path / "ra2")
-    assert "resuming from" in results[0]["log"] and "step_000002" in results[0]["log"]
+    log = results[0]["log"]
+    assert "ignoring 1 checkpoint(s)" in log and "resuming from" in log and "step_000002 (step 2" in log
 
 
 # ---------------------------------------------------------------------------------------------
