@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import random
 import sys
 import time
 from pathlib import Path
@@ -18,18 +17,9 @@ import torch
 from shardtune.utils import distributed
 from shardtune.utils.config_utils import (ConfigError, RunConfigs, dump_resolved, format_help, parse_cli,
                                           resolve_compile, resolve_precision, save_resolved)
+from shardtune.utils.io import atomic_write_text
 from shardtune.utils.logging import log, warn
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    torch.manual_seed(seed)
-    try:
-        import numpy as np
-
-        np.random.seed(seed)
-    except ImportError:
-        pass
+from shardtune.utils.rng import seed_everything
 
 
 def build_optimizer(model: torch.nn.Module, run: RunConfigs, device: torch.device):
@@ -94,8 +84,11 @@ def main(**kwargs) -> dict:
     seed_everything(t.seed)
     precision = resolve_precision(run, device)
     output_dir = Path(t.output_dir)
+    from shardtune.model_checkpointing.output_dir import claim_output_dir, start_run
+
+    # One run per output folder (a lock), and never silently on top of an earlier run's results.
+    run_dir = distributed.on_rank0(lambda: claim_output_dir(run), "claim the output folder")
     if distributed.is_main():
-        output_dir.mkdir(parents=True, exist_ok=True)
         save_resolved(run, output_dir / "run_config.yaml")
     if run.demo_preset:
         from shardtune.configs.presets import DEMO_PRESET
@@ -111,7 +104,8 @@ def main(**kwargs) -> dict:
         check_fsdp_config(run, dist_info)  # mesh sizes, CPU offload: one-line errors before anything is loaded
     from shardtune.model_checkpointing.checkpoint import find_resume_point
 
-    resume = find_resume_point(run)  # --resume_from DIR | auto; None: start from scratch
+    resume = find_resume_point(run, run_dir.previous_run_id)  # --resume_from DIR | auto; None: from scratch
+    run_id = (resume.info.get("run_id") or run_dir.run_id) if resume else run_dir.run_id
 
     # 3. Tokenizer and data (file errors surface here, before the weights are read).
     tokenizer = load_tokenizer(t.tokenizer_name or t.model_name,
@@ -183,6 +177,13 @@ def main(**kwargs) -> dict:
             log("--> --enable_fsdp with a single process: training without sharding")
         if bnb_config is None:
             model.to(device)
+        if run.fsdp.fsdp_activation_checkpointing:  # the same per-layer checkpointing as under FSDP
+            from shardtune.policies.activation_checkpointing import apply_activation_checkpointing
+            from shardtune.policies.wrapping import fsdp_units
+
+            apply_activation_checkpointing(model, fsdp_units(model)[::run.fsdp.ac_every_n_layers])
+            log("--> activation checkpointing on (each decoder layer recomputed in backward"
+                + (f"; 1 of every {run.fsdp.ac_every_n_layers} layers)" if run.fsdp.ac_every_n_layers > 1 else ")"))
         sync_fn = lambda m, sync: None  # noqa: E731
 
     # 5. Optimizer, schedule, precision helpers.
@@ -209,13 +210,27 @@ def main(**kwargs) -> dict:
         f"{t.context_length} tokens (docs/observability.md)")
     observers = [build_profiler(run, device)] if t.use_profiler else []
     if t.flop_counter:
-        observers.append(FlopCounter(t.flop_counter_start, device, model_flops, peak_tflops))
+        from shardtune.policies.activation_checkpointing import checkpointed_fraction
+
+        observers.append(FlopCounter(t.flop_counter_start, device, model_flops, peak_tflops,
+                                     recomputes_layers=checkpointed_fraction(model)))
     metrics = MetricsWriter(metrics_path, build_trackers(run, output_dir, distributed.is_main()))
 
     # Resumable checkpoints (every --save_every_n_steps and per epoch) and the exported model / adapter
     # (<output_dir>/model); resuming restores model, optimizer, scheduler, progress and RNG.
-    checkpointer = Checkpointer(run, model, lm, optimizer, lr_scheduler, scaler, tokenizer, export_dtype)
+    checkpointer = Checkpointer(run, model, lm, optimizer, lr_scheduler, scaler, tokenizer, export_dtype, run_id)
+    distributed.on_rank0(lambda: start_run(run, run_dir, run_id), "record the run")
     state, restore_rng = checkpointer.load(resume) if resume else (None, None)
+    if resume:
+        checkpointer.finish_interrupted_export(resume)  # a run killed while exporting its model
+        if (t.max_train_step and state.step >= t.max_train_step) or state.epoch >= t.num_epochs:
+            log(f"--> the run resumed from {resume.path} had already finished (step {state.step}, "
+                f"{state.epoch} of {t.num_epochs} epochs, --max_train_step {t.max_train_step}): nothing to train")
+            for obs in observers:
+                obs.close()
+            metrics.close()
+            distributed.cleanup()
+            return {"steps": state.step, "already_finished": True}
 
     ctx = TrainContext(run=run, device=device, autocast=autocast_for(precision, device, t.enable_fsdp and
                                                                      dist_info.distributed),
@@ -232,7 +247,7 @@ def main(**kwargs) -> dict:
     if metrics_path is not None:
         summary["metrics_file"] = str(metrics_path)
     if distributed.is_main():
-        (output_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        atomic_write_text(output_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
         log("--> summary: " + ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
                                         for k, v in summary.items()))
     distributed.cleanup()
@@ -253,9 +268,17 @@ def cli(argv=None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import fire
 
+    from shardtune.model_checkpointing.export import SaveError
+    from shardtune.utils.train_utils import TrainingDiverged
+
     try:
         fire.Fire(_run_without_result, command=argv, name="finetuning.py")
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except (TrainingDiverged, SaveError) as exc:  # nothing wrong was saved; say so once and fail
+        if distributed.is_main():
+            print(f"error: {exc}", file=sys.stderr)
+        distributed.abort()
+        return 1
     return 0

@@ -35,11 +35,13 @@ def test_sharded_checkpoints_layout_and_pruning(tiny_llama_dir, tmp_path):
     assert sorted(p.name for p in root.iterdir()) == ["step_000003", "step_000004"]
     ckpt = root / "step_000004"
     names = {p.name for p in ckpt.iterdir()}
-    assert {".metadata", "__0_0.distcp", "__1_0.distcp", "rng", "trainer_state.pt", "run_config.yaml",
+    assert {".metadata", "__0_0.distcp", "__1_0.distcp", "rng", "checksums.json", "run_config.yaml",
             "state.json"} <= names
     assert sorted(p.name for p in (ckpt / "rng").iterdir()) == ["rank_00000.pt", "rank_00001.pt"]
     state = json.loads((ckpt / "state.json").read_text())
     assert state["checkpoint_type"] == "SHARDED_STATE_DICT" and state["world_size"] == 2
+    assert state["lr_scheduler"]["last_epoch"] == 0 and state["run_id"] == json.loads((out / "run.json").read_text())[
+        "run_id"]
     ts = state["train_state"]
     assert ts["step"] == 4 and ts["epoch"] == 0 and ts["batches_in_epoch"] == 4 and ts["tokens_seen"] > 0
     assert math.isinf(ts["best_eval_loss"])
@@ -51,16 +53,15 @@ def test_prune_keeps_the_best_checkpoint(tmp_path):
 
     run = parse_cli({"model_name": "unused", "output_dir": str(tmp_path), "keep_last_n_checkpoints": 2})
     ckpt = Checkpointer.__new__(Checkpointer)
-    ckpt.run, ckpt.root = run, tmp_path / "checkpoints" / "fine-tuned"
+    ckpt.run, ckpt.root, ckpt.run_id = run, tmp_path / "checkpoints" / "fine-tuned", None
     for step in (1, 2, 3, 4):
         d = ckpt.root / f"step_{step:06d}"
         d.mkdir(parents=True)
         (d / STATE_FILE).write_text(json.dumps({"train_state": {"step": step}}))
-    (ckpt.root / ".tmp-step_000005").mkdir()  # a crashed write
     (ckpt.root / BEST_FILE).write_text(json.dumps({"checkpoint": "step_000001", "eval_loss": 1.0}))
     ckpt.prune()
     assert [p.name for p in list_checkpoints(ckpt.root)] == ["step_000001", "step_000003", "step_000004"]
-    assert not (ckpt.root / ".tmp-step_000005").exists()
+    assert [p.name for p in ckpt.root.iterdir() if p.name.startswith(".tmp")] == []  # deleted whole
 
 
 @pytest.mark.parametrize("peft", [False, True], ids=["full", "lora"])

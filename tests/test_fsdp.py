@@ -143,9 +143,9 @@ def test_mixed_precision_modes(tiny_llama_dir, tmp_path):
 
 
 def test_activation_checkpointing_is_exact(tiny_llama_dir, tmp_path):
-    run_ranks(2, base_kwargs(tiny_llama_dir, tmp_path / "plain"), tmp_path / "plain-ranks")
-    results = run_ranks(2, base_kwargs(tiny_llama_dir, tmp_path / "ac",
-                                       **{"fsdp_config.fsdp_activation_checkpointing": True}), tmp_path / "ac-ranks")
+    run_ranks(2, base_kwargs(tiny_llama_dir, tmp_path / "plain", **{"fsdp_config.fsdp_activation_checkpointing": False}),
+              tmp_path / "plain-ranks")
+    results = run_ranks(2, base_kwargs(tiny_llama_dir, tmp_path / "ac"), tmp_path / "ac-ranks")  # the default
     assert "activation checkpointing on" in results[0]["log"]
     assert step_losses(tmp_path / "ac") == pytest.approx(step_losses(tmp_path / "plain"), abs=1e-6)
 
@@ -213,7 +213,7 @@ def test_freeze_layers_under_fsdp(tiny_llama_dir, tmp_path):
 def test_low_cpu_fsdp_gives_the_same_run(peft, tiny_llama_dir, tmp_path):
     """Rank 0 reads the weights, rank 1 builds on the meta device and receives them by broadcast; RoPE
     buffers are rebuilt (without that every loss is NaN). Same losses as loading on every rank."""
-    flags = dict(use_peft=True) if peft else {"fsdp_config.fsdp_activation_checkpointing": True}
+    flags = dict(use_peft=True) if peft else {}
     run_ranks(2, base_kwargs(tiny_llama_dir, tmp_path / "normal", **flags), tmp_path / "normal-ranks")
     results = run_ranks(2, base_kwargs(tiny_llama_dir, tmp_path / "low", low_cpu_fsdp=True, **flags),
                         tmp_path / "low-ranks")

@@ -26,7 +26,7 @@ def _torchrun(args, out_dir: Path) -> str:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(REPO / "finetuning.py"), "--enable_fsdp", "--output_dir", str(out_dir), "--context_length", "64",
            "--num_epochs", "1", "--run_validation", "False", "--num_workers_dataloader", "0", "--precision", "fp32",
-           "--fsdp_config.fsdp_activation_checkpointing", "False", "--save_metrics", "True", *map(str, args)]
+           "--save_metrics", "True", *map(str, args)]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]

@@ -88,3 +88,147 @@ def test_resume_flag_errors_and_auto_without_checkpoint(tmp_path):
     with pytest.raises(ConfigError, match="is not a complete checkpoint") as e:
         find_resume_point(missing)
     assert "\n" not in str(e.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# Resumes that must be exact, and those that must be refused
+# ---------------------------------------------------------------------------------------------
+def _ckpt_root(out):
+    return Path(out) / "checkpoints" / "fine-tuned"
+
+
+def test_a_finished_run_resumed_does_nothing_and_says_so(tiny_llama_dir, tmp_path):
+    flags = dict(use_peft=True, save_model=True, max_train_step=3, save_every_n_steps=3)
+    run_ranks(2, base_kwargs(tiny_llama_dir, tmp_path / "out", **flags), tmp_path / "r1")
+    adapter = tmp_path / "out" / "model" / "adapter_model.safetensors"
+    before, mtime = adapter.read_bytes(), adapter.stat().st_mtime_ns
+    results = run_ranks(2, base_kwargs(tiny_llama_dir, tmp_path / "out", resume_from="auto", **flags),
+                        tmp_path / "r2")
+    assert "had already finished (step 3" in results[0]["log"]
+    assert results[0]["summary"] == {"steps": 3, "already_finished": True}
+    assert len(step_losses(tmp_path / "out")) == 3  # no extra step
+    assert adapter.read_bytes() == before and adapter.stat().st_mtime_ns == mtime  # not re-exported
+
+
+def test_evaluation_does_not_move_the_rng_a_checkpoint_saves(tiny_llama_dir, tmp_path):
+    """LoRA dropout (default 0.05): stop at step 3 (evaluation, then the checkpoint), resume to 6 == 6 straight."""
+    flags = dict(use_peft=True, run_validation=True, max_eval_step=2)
+    a, b = _interrupted_vs_uninterrupted(tmp_path, tiny_llama_dir, 2, 3, 6, **flags)
+    assert b == a
+
+
+KILL_POINTS = {  # where the run is SIGKILLed: (module, function, on which call)
+    "during_a_checkpoint_save": ("shardtune.model_checkpointing.integrity", "write_manifest", 2),  # shards written
+    "during_the_final_export": ("shardtune.model_checkpointing.export", "check_adapter", 1),  # files half written
+}
+
+
+@pytest.mark.parametrize("world", [1, 2])
+@pytest.mark.parametrize("point", sorted(KILL_POINTS))
+def test_a_killed_run_resumed_ends_with_the_uninterrupted_result(point, world, tiny_llama_dir, tmp_path, monkeypatch):
+    """SIGKILL in the middle of writing (a checkpoint's shards are on disk but it is not complete; or the adapter
+    export after the last checkpoint), then --resume_from auto: the final adapter is byte-identical to the
+    uninterrupted run's (LoRA dropout on: the RNG streams are restored too), and no leftover remains."""
+    import importlib
+    import os
+    import signal
+
+    flags = dict(use_peft=True, save_model=True, max_train_step=3, save_every_n_steps=1, enable_fsdp=world > 1,
+                 batch_size_training=4 // world)
+    run_ranks(world, base_kwargs(tiny_llama_dir, tmp_path / "A", **flags), tmp_path / "ra")
+    module, name, nth = KILL_POINTS[point]
+    calls = []
+
+    def killed_while_writing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == nth:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return original(*args, **kwargs)
+
+    original = getattr(importlib.import_module(module), name)
+    monkeypatch.setattr(importlib.import_module(module), name, killed_while_writing)  # inherited by forked ranks
+    with pytest.raises(Exception, match="SIGKILL|died without a result"):
+        run_ranks(world, base_kwargs(tiny_llama_dir, tmp_path / "B", **flags), tmp_path / "rb1", timeout=60)
+    monkeypatch.undo()
+    out = tmp_path / "B"
+    assert not (out / "model").exists()
+    results = run_ranks(world, base_kwargs(tiny_llama_dir, out, resume_from="auto", **flags), tmp_path / "rb2")
+    log = results[0]["log"]
+    assert "left by an interrupted save" in log
+    if point == "during_the_final_export":
+        assert "the export of step 3 did not finish" in log
+    leftovers = [p for d in (out, _ckpt_root(out)) for p in d.iterdir() if p.name.startswith(".tmp")]
+    assert leftovers == []
+    a = (tmp_path / "A" / "model" / "adapter_model.safetensors").read_bytes()
+    assert (out / "model" / "adapter_model.safetensors").read_bytes() == a
+
+
+def test_mid_epoch_resume_with_another_world_size_is_refused(tiny_llama_dir, tmp_path):
+    run_ranks(2, base_kwargs(tiny_llama_dir, tmp_path / "out", save_every_n_steps=3), tmp_path / "r1")
+    results = run_ranks(1, base_kwargs(tiny_llama_dir, tmp_path / "out", enable_fsdp=False, max_train_step=6,
+                                       resume_from="auto"), tmp_path / "r2", expect_error=True)
+    error = results[0]["error"]
+    assert error.startswith("ConfigError: --resume_from:") and "world_size 2 -> 1" in error and "\n" not in error
+    assert len(step_losses(tmp_path / "out")) == 3  # nothing trained
+
+
+@pytest.mark.parametrize("damage", ["truncated_shard", "zeroed_shard", "missing_shard", "missing_metadata",
+                                    "empty_state", "flipped_byte"])
+def test_a_damaged_newest_checkpoint_is_skipped(damage, tiny_llama_dir, tmp_path, checkpoints_1_2_3):
+    import shutil
+
+    from shardtune.model_checkpointing.checkpoint import find_resume_point
+
+    out = tmp_path / "out"
+    shutil.copytree(checkpoints_1_2_3, out)
+    newest = _ckpt_root(out) / "step_000003"
+    shard = newest / "__0_0.distcp"
+    if damage == "truncated_shard":
+        shard.write_bytes(shard.read_bytes()[:100])
+    elif damage == "zeroed_shard":
+        shard.write_bytes(bytes(shard.stat().st_size))
+    elif damage == "missing_shard":
+        shard.unlink()
+    elif damage == "missing_metadata":
+        (newest / ".metadata").unlink()
+    elif damage == "empty_state":
+        (newest / "state.json").write_text("")
+    else:
+        data = bytearray(shard.read_bytes())
+        data[len(data) // 2] ^= 0x40
+        shard.write_bytes(bytes(data))
+    run = parse_cli(base_kwargs(tiny_llama_dir, out, enable_fsdp=False, resume_from="auto"))
+    point = find_resume_point(run, json.loads((out / "run.json").read_text())["run_id"])
+    assert point.path.name == "step_000002"  # the newest intact one
+    named = parse_cli(base_kwargs(tiny_llama_dir, out, enable_fsdp=False, resume_from=str(newest)))
+    with pytest.raises(ConfigError, match=r"step_000003") as e:
+        find_resume_point(named)
+    assert "\n" not in str(e.value)
+
+
+@pytest.fixture(scope="module")
+def checkpoints_1_2_3(tiny_llama_dir, tmp_path_factory):
+    """One single-process run with a sharded checkpoint after each of 3 steps."""
+    out = tmp_path_factory.mktemp("ckpts") / "out"
+    run_ranks(1, base_kwargs(tiny_llama_dir, out, enable_fsdp=False, save_every_n_steps=1, keep_last_n_checkpoints=3),
+              out.parent / "ranks")
+    assert [p.name for p in sorted(_ckpt_root(out).iterdir())] == ["step_000001", "step_000002", "step_000003"]
+    return out
+
+
+def test_resume_from_corrupted_bytes_falls_back_and_continues_exactly(tiny_llama_dir, tmp_path,
+                                                                     checkpoints_1_2_3):
+    """End to end: the newest checkpoint has a flipped byte; auto resumes step 2 and redoes step 3 exactly."""
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(checkpoints_1_2_3, out)
+    shard = _ckpt_root(out) / "step_000003" / "__0_0.distcp"
+    data = bytearray(shard.read_bytes())
+    data[-200] ^= 0x01
+    shard.write_bytes(bytes(data))
+    results = run_ranks(1, base_kwargs(tiny_llama_dir, out, enable_fsdp=False, max_train_step=4, resume_from="auto"),
+                        tmp_path / "r")
+    assert "skipping damaged checkpoint" in results[0]["log"] and "__0_0.distcp" in results[0]["log"]
+    losses = step_losses(out)  # steps 1-3 of the first run, then 3 (again) and 4
+    assert len(losses) == 5 and losses[3] == losses[2]

@@ -58,6 +58,8 @@ class train_config:
                                               "the whole step, so bs=2 x 4 equals bs=8 x 1.")
     gradient_clipping: bool = doc(False, "Clip the global gradient norm.")
     gradient_clipping_threshold: float = doc(1.0, "Max global gradient norm when gradient_clipping is on.")
+    max_nonfinite_steps: int = doc(0, "Optimizer steps whose loss or gradient norm is not finite that may be skipped "
+                                      "(each is logged) before the run stops as diverged; 0: stop at the first.")
     lr: float = doc(1e-4, "AdamW learning rate.")
     weight_decay: float = doc(0.0, "AdamW decoupled weight decay.")
     gamma: float = doc(0.85, "StepLR: the learning rate is multiplied by gamma after every epoch.")
@@ -89,8 +91,10 @@ class train_config:
                                                     "pasted into it.")
     save_every_n_steps: int = doc(0, "Also save a resumable checkpoint every N optimizer steps (0: per epoch only).")
     keep_last_n_checkpoints: int = doc(2, "Keep the newest N step checkpoints (the best-eval one is always kept).")
-    resume_from: str = doc("", "Checkpoint folder to resume from, or 'auto' for the newest complete one in the "
-                               "output folder.")
+    resume_from: str = doc("", "Checkpoint folder to resume from, or 'auto' for the newest intact checkpoint of the "
+                               "run that owns output_dir (damaged ones are skipped with a warning).")
+    overwrite_output_dir: bool = doc(False, "Start afresh in an output_dir that holds an earlier run's model or "
+                                            "checkpoints, deleting them (without it such a run stops with one line).")
     save_metrics: bool = doc(False, "Append per-step and per-epoch metrics to <output_dir>/metrics_<time>.jsonl "
                                     "(rank 0; plot with python -m shardtune.utils.plot_metrics FILE).")
     # ---- observability -----------------------------------------------------------------------

@@ -14,7 +14,8 @@ from typing import Callable
 import numpy as np
 
 from shardtune.datasets import alpaca_dataset, chat_dataset, custom_dataset, grammar_dataset, samsum_dataset
-from shardtune.datasets.cache import cached_tokenized, on_rank0
+from shardtune.datasets.cache import cached_tokenized
+from shardtune.utils import distributed
 from shardtune.datasets.common import target_start, tokenize_prompt_and_target
 from shardtune.utils.logging import log, warn
 
@@ -71,7 +72,7 @@ def _custom(dataset_config, tokenizer, split: str):
     def first() -> None:
         mine["data"] = custom_dataset.get_custom_dataset(dataset_config, tokenizer, split)
 
-    on_rank0(first)
+    distributed.on_rank0(first, "prepare the data")
     return mine["data"] if "data" in mine else custom_dataset.get_custom_dataset(dataset_config, tokenizer, split)
 
 

@@ -23,7 +23,6 @@ import torch.distributed as dist
 
 from shardtune.datasets.common import target_start
 from shardtune.utils import distributed
-from shardtune.utils.config_utils import ConfigError
 from shardtune.utils.logging import log
 
 CACHE_VERSION = 1  # bump whenever tokenisation code changes the tokens it produces
@@ -82,28 +81,6 @@ def tokenize_examples(examples: List[dict], tokenize: Callable, tokenizer, datas
                      new_fingerprint=fingerprint or None, desc=desc)
 
 
-def on_rank0(fn: Callable[[], object]):
-    """Run ``fn`` on rank 0 only and return its (picklable) result on every rank; the other ranks wait.
-
-    If rank 0 fails, the other ranks raise too (with rank 0's message) instead of hanging in a barrier.
-    """
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-        return fn()
-    if dist.get_rank() == 0:
-        try:
-            result = fn()
-        except BaseException as exc:
-            distributed.broadcast_object(("error", type(exc).__name__, str(exc).splitlines()[0] if str(exc) else ""))
-            raise
-        distributed.broadcast_object(("ok", result))
-        return result
-    reply = distributed.broadcast_object(None)
-    if reply[0] == "error":
-        error = ConfigError if reply[1] == "ConfigError" else RuntimeError
-        raise error(f"rank 0 failed to prepare the data: {reply[1]}: {reply[2]}")
-    return reply[1]
-
-
 def cached_tokenized(name: str, split: str, dataset_config, tokenizer, load_examples: Callable,
                      tokenize: Callable, cache_dir: Optional[Path]):
     """The tokenised split, from the cache when present. Without cache_dir every process tokenises in memory."""
@@ -127,7 +104,7 @@ def cached_tokenized(name: str, split: str, dataset_config, tokenizer, load_exam
             log(f"--> {name} {split}: tokenised {len(examples)} examples into {path}")
         return str(path)
 
-    path = on_rank0(build)
+    path = distributed.on_rank0(build, "prepare the data")
     if not Path(path).is_file():  # another node, whose output_dir is not shared with rank 0's
         print(f"warning: [rank {dist.get_rank() if dist.is_initialized() else 0}] {path} is not visible on this node "
               "(output_dir not shared?): tokenising here", file=sys.stderr, flush=True)

@@ -41,3 +41,11 @@ def apply_activation_checkpointing(model: nn.Module, layers: Iterable[nn.Module]
 
 def is_checkpointed(module: nn.Module) -> bool:
     return isinstance(module, CheckpointWrapper)
+
+
+def checkpointed_fraction(model: nn.Module) -> float:
+    """Share of the decoder layers whose forward runs again in backward (0.0 without checkpointing)."""
+    from shardtune.policies.wrapping import fsdp_units
+
+    wrapped = sum(isinstance(m, CheckpointWrapper) for m in model.modules())
+    return wrapped / max(1, len(fsdp_units(model)))

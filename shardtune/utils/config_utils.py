@@ -313,7 +313,7 @@ def validate(run: RunConfigs) -> None:
     for name in ("batch_size_training", "val_batch_size", "gradient_accumulation_steps", "context_length"):
         need(getattr(t, name) >= 1, f"--{name}: must be >= 1, got {getattr(t, name)}")
     for name in ("num_epochs", "max_train_step", "max_eval_step", "num_workers_dataloader", "save_every_n_steps",
-                 "flop_counter_start", "num_freeze_layers"):
+                 "flop_counter_start", "num_freeze_layers", "max_nonfinite_steps"):
         need(getattr(t, name) >= 0, f"--{name}: must be >= 0, got {getattr(t, name)}")
     need(f.ac_every_n_layers >= 1, f"--fsdp_config.ac_every_n_layers: must be >= 1, got {f.ac_every_n_layers}")
     need(t.log_every_n_steps >= 1, f"--log_every_n_steps: must be >= 1, got {t.log_every_n_steps}")
@@ -329,6 +329,8 @@ def validate(run: RunConfigs) -> None:
          f"--flop_counter: --max_train_step ({t.max_train_step}) must be greater than --flop_counter_start "
          f"({t.flop_counter_start}) so that a step is left to count")
     need(not t.from_peft_checkpoint or t.use_peft, "--from_peft_checkpoint needs --use_peft")
+    need(not (t.overwrite_output_dir and t.resume_from),
+         "--overwrite_output_dir deletes the earlier run's checkpoints, --resume_from continues from them: pick one")
     need(t.quantization in (None, "4bit", "8bit"),
          f"--quantization: expected '4bit' or '8bit', got {t.quantization!r}")
     need(not (t.quantization == "8bit" and t.enable_fsdp),

@@ -8,6 +8,7 @@ from __future__ import annotations
 import datetime
 import os
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -98,6 +99,45 @@ def broadcast_object(obj):
         dist.broadcast_object_list(box, src=0)
         return box[0]
     return obj
+
+
+def on_rank0(fn: Callable[[], object], what: str = "prepare the run"):
+    """Run ``fn`` on rank 0 only and return its (picklable) result on every rank: decisions that every rank
+    must share (which checkpoint to resume, the run id, the data cache file) are made once.
+
+    If rank 0 fails, the other ranks raise too (a ConfigError stays a ConfigError, with rank 0's message)
+    instead of waiting in a collective that rank 0 never reaches.
+    """
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return fn()
+    if dist.get_rank() == 0:
+        try:
+            result = fn()
+        except BaseException as exc:
+            broadcast_object(("error", type(exc).__name__, first_line(exc)))
+            raise
+        broadcast_object(("ok", result))
+        return result
+    reply = broadcast_object(None)
+    if reply[0] == "error":
+        from shardtune.utils.config_utils import ConfigError
+
+        if reply[1] == "ConfigError":
+            raise ConfigError(reply[2])
+        raise RuntimeError(f"rank 0 failed to {what}: {reply[1]}: {reply[2]}")
+    return reply[1]
+
+
+def first_line(exc: BaseException) -> str:
+    """An exception's message, first line only (or its type when it has none)."""
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def abort() -> None:
+    """Leave the process group after an error that every rank raised (no barrier: nothing more to agree on)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def cleanup() -> None:

@@ -64,6 +64,12 @@ class ModelFlops:
     def head_flops_per_token(self) -> float:
         return float((6 if self.head_trainable else 4) * self.head_params)
 
+    def layer_forward_per_token(self, seq_len: int) -> float:
+        """FLOPs of the decoder layers' forward alone, for one token: what activation checkpointing runs again
+        in backward (every matrix but the output layer, plus the attention scores and their use)."""
+        matrices = self.trainable_matrix_params + self.frozen_matrix_params - self.head_params
+        return float(2 * matrices + 4 * self.num_layers * self.num_heads * self.head_dim * seq_len)
+
 
 def _linear_size(module: nn.Module) -> Optional[int]:
     """in x out of a linear layer (nn.Linear and its subclasses such as bitsandbytes', HF's Conv1D)."""
@@ -192,8 +198,10 @@ class FlopCounter(StepObserver):
     """
 
     def __init__(self, start: int, device: torch.device, model_flops: Optional[ModelFlops] = None,
-                 peak_tflops: Optional[float] = None):
+                 peak_tflops: Optional[float] = None, recomputes_layers: float = 0.0):
         self.start = start
+        # activation checkpointing: the share of the layers whose forward runs twice (1.0: all of them)
+        self.recomputes_layers = float(recomputes_layers)
         self.device = device
         self.model_flops = model_flops
         self.peak_tflops = peak_tflops
@@ -261,12 +269,25 @@ class FlopCounter(StepObserver):
                          f"measured / analytic = {result['ratio']:.3f}")
             mf = self.model_flops
             unsupervised = record.get("input_tokens", 0) - record.get("tokens", 0)
-            if mf is not None and mf.head_params and unsupervised > 0:
-                # the loss applies the output layer only where a label is supervised (utils/loss.py)
-                expected = analytic - mf.head_flops_per_token() * unsupervised / world
-                result["expected_flops"] = expected
-                lines.append(f"    analytic with the output layer at supervised positions only: {expected / 1e12:.4g} "
-                             f"TFLOP; measured / that = {flops / expected:.3f}")
+            if mf is not None:
+                # The hardware's work differs from the model's: the loss applies the output layer only where a
+                # label is supervised (utils/loss.py), and activation checkpointing runs every layer's forward
+                # again in backward. MFU counts the model's work; this is what the counter should see.
+                expected, how = analytic, []
+                if mf.head_params and unsupervised > 0:
+                    expected -= mf.head_flops_per_token() * unsupervised / world
+                    how.append("the output layer at supervised positions only")
+                if self.recomputes_layers and record.get("input_tokens"):
+                    seq = record.get("seq_len") or 0
+                    tokens = record["input_tokens"] / world
+                    expected += mf.layer_forward_per_token(seq) * tokens * self.recomputes_layers
+                    how.append("activation checkpointing's second forward of every layer" if self.recomputes_layers == 1
+                               else f"activation checkpointing's second forward of {self.recomputes_layers:.0%} of "
+                                    "the layers")
+                if how:
+                    result["expected_flops"] = expected
+                    lines.append(f"    analytic with {' and '.join(how)}: {expected / 1e12:.4g} TFLOP; measured / "
+                                 f"that = {flops / expected:.3f}")
         lines.append("    (the count includes recomputation: fused attention recomputes QK^T in the backward; "
                      "see docs/observability.md)")
         if distributed.is_main():

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import sys
 import uuid
 from pathlib import Path
 from typing import Iterator, Union
@@ -45,15 +46,33 @@ def atomic_directory(final: PathLike) -> Iterator[Path]:
 
 
 def replace_directory(src: Path, final: Path) -> None:
-    """Move a complete folder ``src`` to ``final``, replacing an existing ``final`` safely."""
-    old = None
-    if final.exists():
+    """Move a complete folder ``src`` to ``final``, replacing an existing ``final`` with no moment in which
+    ``final`` is missing: on Linux the two are swapped in one atomic ``renameat2(RENAME_EXCHANGE)``; where
+    that is unavailable, the old folder is renamed aside first (a short window)."""
+    src, final = Path(src), Path(final)
+    if not final.exists():
+        os.rename(src, final)
+        return
+    if _exchange(src, final):
+        old = src  # after the swap, src holds the previous final
+    else:
         old = final.with_name(f"{TMP_MARKER}old-{uuid.uuid4().hex[:8]}-{final.name}")
         os.rename(final, old)
-    os.rename(src, final)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+        os.rename(src, final)
+    shutil.rmtree(old, ignore_errors=True)
 
 
-def is_temporary(path: PathLike) -> bool:
-    return Path(path).name.startswith(TMP_MARKER)
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths (Linux renameat2 with RENAME_EXCHANGE). False where unsupported."""
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    rc = renameat2(at_fdcwd, os.fsencode(str(a)), at_fdcwd, os.fsencode(str(b)), rename_exchange)
+    return rc == 0

@@ -156,7 +156,8 @@ def load_model(name: str, precision: str, device: torch.device, *, use_fast_kern
             kwargs["quantization_config"] = bnb_config
             kwargs["device_map"] = {"": device}
         model = AutoModelForCausalLM.from_pretrained(src.path, **kwargs)
-    model.config.use_cache = False  # no KV cache in training
+    # config.use_cache stays as the checkpoint has it (exports keep the model's own config.json); the
+    # training forward passes use_cache=False itself.
     return model
 
 

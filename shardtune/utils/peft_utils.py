@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import asdict
 
+import torch
+
 from shardtune.utils.config_utils import ConfigError, RunConfigs
 from shardtune.utils.logging import log, warn
 from shardtune.utils.model_utils import decoder_layers
@@ -67,8 +69,29 @@ def apply_peft(model, run: RunConfigs):
         log(f"--> continuing from adapter {t.from_peft_checkpoint}")
     else:
         model = get_peft_model(model, build_peft_config(run, model))
+    if getattr(model.active_peft_config, "is_prompt_learning", False):
+        model.base_model.register_forward_pre_hook(_keep_prefix_cache_unchanged, with_kwargs=True)
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log(f"--> PEFT {t.peft_method}: {trainable:,} trainable of {total:,} parameters "
         f"({100 * trainable / max(total, 1):.3f}%)")
     return model
+
+
+def _keep_prefix_cache_unchanged(module, args, kwargs):
+    """Prefix tuning hands the decoder its learned prefix as a key/value cache, which every attention layer
+    extends in place with the sequence's keys and values. A layer run twice (activation checkpointing
+    recomputes it in backward) would then see the prefix *and* the sequence as its past. Each layer's
+    update here returns prefix + new keys/values without storing them, so every run of a layer sees
+    the same prefix."""
+    cache = kwargs.get("past_key_values")
+    for layer in getattr(cache, "layers", None) or []:
+        if getattr(layer, "keys", None) is None or getattr(layer, "_shardtune_read_only", False):
+            continue
+
+        def update(key_states, value_states, *args, _layer=layer, **kwargs):
+            return (torch.cat([_layer.keys, key_states], dim=-2), torch.cat([_layer.values, value_states], dim=-2))
+
+        layer.update = update
+        layer._shardtune_read_only = True
+    return None

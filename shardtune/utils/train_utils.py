@@ -24,6 +24,11 @@ from shardtune.utils.loss import count_supervised_tokens
 from shardtune.utils.memory_utils import (GB, MemoryTracker, device_peak_allocated_bytes, device_peak_reserved_bytes,
                                          host_peak_rss_bytes)
 from shardtune.utils.metrics import MetricsWriter, StepObserver, format_step_line, perplexity
+from shardtune.utils.rng import preserved_rng
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or the gradient norm stopped being finite (more often than --max_nonfinite_steps allows)."""
 
 
 @dataclass
@@ -37,6 +42,7 @@ class TrainState:
     tokens_seen: int = 0           # supervised tokens trained on, all ranks
     epoch_loss_sum: float = 0.0    # this epoch's summed loss and supervised tokens so far, so that a
     epoch_tokens: float = 0.0      # resumed epoch reports the same epoch loss as an uninterrupted one
+    skipped_steps: int = 0         # steps not applied because their loss or gradient norm was not finite
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -123,6 +129,9 @@ def train(model, train_loader, eval_loader, optimizer, lr_scheduler, ctx: TrainC
                     f"{t.num_epochs}", dynamic_ncols=True, disable=not distributed.is_main())
 
         while not stop:
+            if t.max_train_step and state.step >= t.max_train_step:  # a resumed run that reached it already
+                stop = True
+                break
             step_start = time.perf_counter()
             micro_batches = _take(batches, ga)
             if not micro_batches:
@@ -155,10 +164,33 @@ def train(model, train_loader, eval_loader, optimizer, lr_scheduler, ctx: TrainC
                     loss.backward()
                 step_loss_sum += out.loss_sum.detach()
 
-            # 3. Unscale (fp16), measure and clip the gradient norm, step, reset.
+            # 3. Unscale (fp16), measure and clip the gradient norm; the step's token-weighted loss over all
+            #    ranks. Both are global, so every rank takes the same decision below.
             if ctx.scaler is not None:
                 ctx.scaler.unscale_(optimizer)
             grad_norm = clip_and_measure_grad_norm(model, clip)
+            global_loss_sum = distributed.all_reduce_sum(step_loss_sum.double()).item()
+            step_loss = global_loss_sum / max(global_tokens, 1.0)
+
+            # 4. A diverged step is never applied (the fp16 scaler skips overflowing gradients itself).
+            if not math.isfinite(step_loss) or (ctx.scaler is None and not math.isfinite(grad_norm)):
+                state.skipped_steps += 1
+                state.batches_in_epoch += len(micro_batches)
+                optimizer.zero_grad(set_to_none=True)
+                if ctx.scaler is not None:
+                    ctx.scaler.update()
+                what = f"step {state.step + 1}: loss {step_loss:.4g}, gradient norm {grad_norm:.4g}"
+                if state.skipped_steps > t.max_nonfinite_steps:
+                    pbar.close()  # the error line then starts a line of its own
+                    raise TrainingDiverged(f"training diverged at {what} (not finite); stopped without saving it "
+                                           f"(lower --lr, add --gradient_clipping, or skip such steps with "
+                                           f"--max_nonfinite_steps N)")
+                log(f"--> {what} not finite: step skipped ({state.skipped_steps} of at most "
+                    f"{t.max_nonfinite_steps} allowed by --max_nonfinite_steps)")
+                pbar.update(1)
+                continue
+
+            # 5. Step, reset.
             if ctx.scaler is not None:
                 ctx.scaler.step(optimizer)
                 ctx.scaler.update()
@@ -166,9 +198,7 @@ def train(model, train_loader, eval_loader, optimizer, lr_scheduler, ctx: TrainC
                 optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
-            # 4. Bookkeeping: the step's token-weighted loss over all ranks.
-            global_loss_sum = distributed.all_reduce_sum(step_loss_sum.double()).item()
-            step_loss = global_loss_sum / max(global_tokens, 1.0)
+            # 6. Bookkeeping.
             epoch_loss_sum += global_loss_sum
             epoch_tokens += global_tokens
             state.step += 1
@@ -178,12 +208,13 @@ def train(model, train_loader, eval_loader, optimizer, lr_scheduler, ctx: TrainC
             state.epoch_tokens += global_tokens
             step_time = time.perf_counter() - step_start
             lr = optimizer.param_groups[0]["lr"]
-            # 5. Throughput per GPU (process): all input tokens, padding included, and analytic TFLOP/s; MFU
+            # 7. Throughput per GPU (process): all input tokens, padding included, and analytic TFLOP/s; MFU
             #    against the accelerator's peak. Peak memory: device allocated on GPUs, host RSS on CPU.
             tflops = global_flops / world / step_time / 1e12 if ctx.model_flops else None
             peak_mem = device_peak_allocated_bytes(ctx.device) or host_peak_rss_bytes()
             record = dict(step=state.step, epoch=epoch, loss=step_loss, perplexity=perplexity(step_loss), lr=lr,
                           grad_norm=grad_norm, tokens=int(global_tokens), input_tokens=int(global_inputs),
+                          seq_len=int(micro_batches[0]["input_ids"].shape[-1]),
                           step_time_s=step_time, tokens_per_s=global_inputs / world / step_time,
                           model_flops=global_flops, tflops=tflops,
                           mfu=tflops / ctx.peak_tflops if tflops is not None and ctx.peak_tflops else None,
@@ -214,7 +245,8 @@ def train(model, train_loader, eval_loader, optimizer, lr_scheduler, ctx: TrainC
             lr_scheduler.step()
         eval_loss = None
         if eval_loader is not None and t.run_validation:
-            eval_loss = evaluate(model, eval_loader, ctx, state)
+            with preserved_rng(ctx.device):  # a checkpoint taken after evaluation continues like the run
+                eval_loss = evaluate(model, eval_loader, ctx, state)
             epoch_eval_losses.append(eval_loss)
         if epoch_done:
             state.epoch, state.batches_in_epoch = epoch + 1, 0
@@ -243,6 +275,7 @@ def train(model, train_loader, eval_loader, optimizer, lr_scheduler, ctx: TrainC
         "avg_train_loss": sum(epoch_train_losses) / len(epoch_train_losses) if epoch_train_losses else None,
         "avg_epoch_time_s": sum(epoch_times) / len(epoch_times) if epoch_times else None,
         "steps": state.step,
+        "skipped_steps": state.skipped_steps,
         "tokens_seen": state.tokens_seen,
     }
     run_memory = memory.run_stats()

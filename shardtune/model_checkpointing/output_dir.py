@@ -1,0 +1,154 @@
+"""One run per output folder: a lock, a run id, and no silent mixing with an earlier run's results.
+
+* The folder is locked (``flock`` on the folder itself, so no file is written for it) for as long as
+  the run's rank 0 lives; the kernel drops the lock when that process dies, so a crashed run never
+  leaves a stale lock behind. A second run on a locked folder stops with one line.
+* A run that starts without ``--resume_from`` in a folder that holds another run's model or
+  checkpoints stops with one line; ``--overwrite_output_dir`` removes those results and starts afresh.
+  Otherwise a new model would replace the old one, pruning could delete the new run's checkpoints in
+  favour of the old run's, and ``--resume_from auto`` would resume the *old* run.
+* Every run has an id (``run.json``); checkpoints carry it, and ``--resume_from auto`` only picks
+  checkpoints of the run that owns the folder.
+* Leftovers of killed saves (temporary folders and files) are removed once the lock is held.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional
+
+from shardtune.utils.config_utils import ConfigError, RunConfigs
+from shardtune.utils.io import TMP_MARKER, atomic_write_text
+from shardtune.utils.logging import log, warn
+
+RUN_FILE = "run.json"
+MODEL_DIR = "model"
+
+_held_locks: List[int] = []  # open descriptors: the lock lives as long as they do
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """The output folder as this run found it."""
+
+    path: Path
+    run_id: str                 # this run's id (a resumed run keeps the id of the run it continues)
+    previous_run_id: Optional[str]  # the id in run.json before this run started, if any
+
+
+def read_run_id(output_dir: Path) -> Optional[str]:
+    try:
+        return json.loads((Path(output_dir) / RUN_FILE).read_text(encoding="utf-8"))["run_id"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def lock_output_dir(output_dir: Path) -> None:
+    """Take the folder's lock for the life of this process; one line if another live run holds it."""
+    fd = os.open(output_dir, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise ConfigError(f"--output_dir {output_dir} is in use by another running shardtune run; wait for it to "
+                          f"finish or choose another --output_dir") from None
+    _held_locks.append(fd)
+
+
+def release_locks() -> None:
+    while _held_locks:
+        os.close(_held_locks.pop())
+
+
+def previous_results(run: RunConfigs) -> List[Path]:
+    """What an earlier run left in this output folder: its model, its checkpoints, its run file."""
+    from shardtune.model_checkpointing.checkpoint import checkpoint_root, list_checkpoint_dirs
+
+    out = Path(run.train.output_dir)
+    found = [p for p in (out / MODEL_DIR, out / RUN_FILE) if p.exists()]
+    return found + list_checkpoint_dirs(checkpoint_root(run))
+
+
+def claim_output_dir(run: RunConfigs) -> RunDir:
+    """Rank 0: lock the output folder and decide whether this run may use it. Writes nothing but the
+    folder itself (the run file is written by :func:`start_run` once the run is about to train)."""
+    t = run.train
+    out = Path(t.output_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise ConfigError(f"--output_dir {out}: not a folder (a file is in the way)") from None
+    except OSError as exc:
+        raise ConfigError(f"--output_dir {out}: cannot create it ({exc.strerror})") from None
+    lock_output_dir(out)
+    previous_id = read_run_id(out)
+    found = previous_results(run)
+    if found and not t.resume_from and not t.overwrite_output_dir:
+        raise ConfigError(f"--output_dir {out} holds the results of an earlier run ({found[0]}); resume it with "
+                          f"--resume_from auto, start afresh with --overwrite_output_dir (deletes them), or choose "
+                          f"another --output_dir")
+    remove_leftovers(run)
+    run_id = previous_id if (t.resume_from and previous_id) else uuid.uuid4().hex[:12]
+    return RunDir(out, run_id, previous_id)
+
+
+def start_run(run: RunConfigs, run_dir: RunDir, run_id: str) -> None:
+    """Rank 0, just before training: with --overwrite_output_dir remove the earlier run's results, then
+    record this run's id."""
+    if run.train.overwrite_output_dir and not run.train.resume_from:
+        for path in previous_results(run):
+            if path.name != RUN_FILE:
+                log(f"--> --overwrite_output_dir: removing {path}")
+                remove_tree(path)
+    atomic_write_text(run_dir.path / RUN_FILE, json.dumps({"run_id": run_id, "started_at": time.strftime(
+        "%Y-%m-%dT%H:%M:%S")}) + "\n")
+
+
+def remove_tree(path: Path) -> bool:
+    """Delete a folder (or file) so that no half-deleted copy can be mistaken for a whole one: it is renamed
+    to a temporary name first. Failures are reported, not hidden. Returns whether it is gone."""
+    path = Path(path)
+    if not path.exists():
+        return True
+    doomed = path
+    if not path.name.startswith(TMP_MARKER):
+        doomed = path.with_name(f"{TMP_MARKER}del-{uuid.uuid4().hex[:8]}-{path.name}")
+        try:
+            os.rename(path, doomed)
+        except OSError as exc:
+            warn(f"could not remove {path}: {exc.strerror}")
+            return False
+    errors = []
+    if doomed.is_dir():
+        shutil.rmtree(doomed, onerror=lambda fn, p, exc: errors.append(f"{p}: {exc[1]}"))
+    else:
+        try:
+            doomed.unlink()
+        except OSError as exc:
+            errors.append(f"{doomed}: {exc.strerror}")
+    if errors:
+        warn(f"could not fully remove {path} (now {doomed}): {errors[0]}")
+    return not errors
+
+
+def remove_leftovers(run: RunConfigs) -> None:
+    """Temporary folders and files of saves that were killed (this run holds the lock, so none is live)."""
+    from shardtune.model_checkpointing.checkpoint import checkpoint_root
+
+    out = Path(run.train.output_dir)
+    places = [out, checkpoint_root(run)]
+    stale = [p for place in places if place.is_dir() for p in place.iterdir() if p.name.startswith(TMP_MARKER)]
+    from shardtune.datasets import CACHE_SUBDIR
+
+    cache = out / CACHE_SUBDIR
+    if cache.is_dir():  # `datasets` writes its Arrow files through tmp* names and renames them
+        stale += [p for p in cache.iterdir() if p.name.startswith("tmp")]
+    for path in stale:
+        log(f"--> removing {path}, left by an interrupted save")
+        remove_tree(path)
