@@ -22,6 +22,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 REPO = Path(__file__).resolve().parent.parent
 FIXTURE_DATA = REPO / "tests" / "fixtures"  # written by tests/fixtures/make_fixtures.py
 SHARED_DATA = REPO.parent / "shared" / "data"
+# Subprocesses and forked ranks get this long before they are killed: only a hung run should ever reach it
+# (a busy 2-core machine can make a 40 s run take several minutes), so no test depends on wall time.
+HANG_TIMEOUT_S = 1800
 
 
 def pytest_configure(config):
