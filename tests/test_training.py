@@ -161,22 +161,25 @@ def _smollm2_gguf() -> Path:
 
 
 @pytest.mark.slow
-def test_real_pretrained_smollm2_lora_loss_falls(shared_data, tmp_path):
-    """SmolLM2-135M-Instruct (a real pretrained Llama) learns Alpaca records with LoRA: loss falls."""
-    records = json.loads((shared_data / "alpaca" / "alpaca_data.json").read_text())[:24]
-    data = tmp_path / "alpaca_24.json"
+def test_real_pretrained_smollm2_lora_loss_falls(tmp_path):
+    """SmolLM2-135M-Instruct (a real pretrained Llama, all 30 layers) learns with LoRA: the loss on one fixed
+    batch (the train split, 3 records, of the bundled sample's first 4 real Alpaca records) falls over 3 steps,
+    one epoch each. The same batch every step makes the steps' losses comparable, so 3 steps at 96 tokens
+    suffice; each 135M-parameter step costs ~0.2 TFLOP, several seconds on a 2-core CPU."""
+    from shardtune.configs.paths import BUNDLED_ALPACA_SAMPLE
+
+    records = json.loads(BUNDLED_ALPACA_SAMPLE.read_text(encoding="utf-8"))[:4]
+    data = tmp_path / "alpaca_4.json"
     data.write_text(json.dumps(records))
     summary = main(model_name=str(_smollm2_gguf()), use_peft=True, dataset="alpaca_dataset",
-                   **{"alpaca_dataset.data_path": str(data)}, batching_strategy="padding", context_length=160,
-                   batch_size_training=4, num_epochs=2, lr=2e-3, output_dir=str(tmp_path / "out"),
+                   **{"alpaca_dataset.data_path": str(data)}, batching_strategy="padding", context_length=96,
+                   batch_size_training=4, num_epochs=3, lr=2e-3, output_dir=str(tmp_path / "out"),
                    save_metrics=True, precision="fp32", run_validation=False,
                    **{"lora_config.target_modules": "q_proj,k_proj,v_proj,o_proj"})
     losses = _step_losses(tmp_path / "out")
-    per_epoch = len(losses) // 2
-    first, second = sum(losses[:per_epoch]) / per_epoch, sum(losses[per_epoch:]) / per_epoch
-    assert 0.5 < first < 4.0, "a pretrained model should start far below log(vocab) = 10.8"
-    assert second < first - 0.05, (first, second)
-    assert summary["steps"] == len(losses)
+    assert len(losses) == summary["steps"] == 3, "one batch per epoch"
+    assert 0.5 < losses[0] < 4.0, "a pretrained model should start far below log(vocab) = 10.8"
+    assert losses[-1] < losses[0] - 0.3, losses  # measured: 1.83 -> 1.06
 
 
 def test_use_fast_kernels_logs_the_attention_choice(tiny_llama_dir, tmp_path, capsys):
