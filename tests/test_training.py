@@ -34,14 +34,16 @@ def test_gradient_accumulation_equals_bigger_batch(tiny_llama_dir, tmp_path):
     assert any(not torch.equal(w_ga[k], w_init[k]) for k in w_ga), "training changed no weight"
 
 
-def _eval_loss(model, tokenizer, out_dir: Path) -> float:
-    """Token-weighted loss of ``model`` on the run's own validation split, recomputed from scratch."""
+def _eval_loss(model, tokenizer, peft_method: str = "") -> float:
+    """Token-weighted loss of ``model`` on the run's own validation split, recomputed from scratch (batched as
+    the run batches it: prefix tuning gets padded batches instead of packed blocks)."""
     from shardtune.configs import alpaca_dataset, train_config
     from shardtune.data.loader import build_dataloader
     from shardtune.datasets import get_preprocessed_dataset
     from shardtune.utils.loss import CausalLMWithLoss
 
-    t = train_config(context_length=128, val_batch_size=1, batching_strategy="packing", num_workers_dataloader=0)
+    t = train_config(context_length=128, val_batch_size=1, batching_strategy="packing", num_workers_dataloader=0,
+                     use_peft=bool(peft_method), peft_method=peft_method or "lora")
     samples = get_preprocessed_dataset(tokenizer, alpaca_dataset(), "val", t)
     loader = build_dataloader(samples, tokenizer, t, train=False)
     wrapped = CausalLMWithLoss(model).eval()
@@ -54,13 +56,18 @@ def _eval_loss(model, tokenizer, out_dir: Path) -> float:
     return total / tokens
 
 
-@pytest.mark.parametrize("method", ["lora", "llama_adapter"])
+@pytest.mark.parametrize("method", ["lora", "llama_adapter", "prefix"])
 def test_peft_adapter_reloads_with_plain_peft(method, tiny_llama_dir, tmp_path):
+    """Each PEFT method trains, saves an adapter that plain peft reloads with the run's exact eval loss, and
+    lowers the eval loss below the base model's."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out = tmp_path / method
-    summary = main(model_name=str(tiny_llama_dir), use_peft=True, peft_method=method, max_train_step=4, lr=1e-2,
+    # A prefix only steers the attention of the random tiny model, so it needs bigger steps to move the loss
+    # (measured: eval loss 7.6368 -> 7.6152 at lr 0.1, 7.6306 at 3e-2; the tolerance below is 1e-5).
+    lr = 1e-1 if method == "prefix" else 1e-2
+    summary = main(model_name=str(tiny_llama_dir), use_peft=True, peft_method=method, max_train_step=4, lr=lr,
                    output_dir=str(out), **{**QUICK, "run_validation": True})
     adapter = out / "model"
     assert (adapter / "adapter_config.json").is_file() and (adapter / "adapter_model.safetensors").is_file()
@@ -68,9 +75,9 @@ def test_peft_adapter_reloads_with_plain_peft(method, tiny_llama_dir, tmp_path):
     assert weights and all(torch.isfinite(w).all() for w in weights.values())
     base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
     tok = AutoTokenizer.from_pretrained(adapter)
-    before = _eval_loss(base, tok, out)
+    before = _eval_loss(base, tok, method)
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), adapter)
-    after = _eval_loss(model, tok, out)
+    after = _eval_loss(model, tok, method)
     assert after == pytest.approx(summary["eval_loss"], abs=1e-5)  # same logits as the trained model
     assert after < before                                          # and the adapter learned something
 
@@ -94,12 +101,6 @@ def test_from_peft_checkpoint_continues_from_adapter(tiny_llama_dir, tmp_path):
     assert second["steps"] == first["steps"] == 4
 
 
-def test_prefix_tuning_trains_and_saves(tiny_llama_dir, tmp_path):
-    summary = main(model_name=str(tiny_llama_dir), use_peft=True, peft_method="prefix", max_train_step=3,
-                   output_dir=str(tmp_path), **QUICK)
-    assert summary["steps"] == 3 and (tmp_path / "model" / "adapter_config.json").is_file()
-
-
 def test_full_finetune_exports_hf_folder_with_tokenizer(tiny_llama_dir, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -109,7 +110,7 @@ def test_full_finetune_exports_hf_folder_with_tokenizer(tiny_llama_dir, tmp_path
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in folder.iterdir()}
     model = AutoModelForCausalLM.from_pretrained(folder)
     tok = AutoTokenizer.from_pretrained(folder)
-    assert _eval_loss(model, tok, tmp_path) == pytest.approx(summary["eval_loss"], abs=1e-5)
+    assert _eval_loss(model, tok) == pytest.approx(summary["eval_loss"], abs=1e-5)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")], "temporary folders left behind"
     assert (tmp_path / "run_config.yaml").is_file()
 
