@@ -116,10 +116,27 @@ def test_full_finetune_exports_hf_folder_with_tokenizer(tiny_llama_dir, tmp_path
 
 
 def test_second_architecture_gpt2(tiny_gpt2_dir, tmp_path):
-    full = main(model_name=str(tiny_gpt2_dir), max_train_step=3, lr=1e-3, output_dir=str(tmp_path / "full"), **QUICK)
-    lora = main(model_name=str(tiny_gpt2_dir), use_peft=True, max_train_step=3, output_dir=str(tmp_path / "lora"),
-                **{"lora_config.target_modules": "c_attn"}, **QUICK)
+    """GPT-2 (tied head, Conv1D layers, learned positions): a full fine-tune and a LoRA run on c_attn both lower
+    the eval loss below the initial model's, and what they save reloads with plain transformers / peft to the
+    run's exact eval loss."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    quick = {**QUICK, "run_validation": True}
+    full = main(model_name=str(tiny_gpt2_dir), max_train_step=3, lr=1e-3, output_dir=str(tmp_path / "full"), **quick)
+    lora = main(model_name=str(tiny_gpt2_dir), use_peft=True, max_train_step=3, lr=1e-2,
+                output_dir=str(tmp_path / "lora"), **{"lora_config.target_modules": "c_attn"}, **quick)
     assert full["steps"] == lora["steps"] == 3
+    tok = AutoTokenizer.from_pretrained(tmp_path / "full" / "model")
+    before = _eval_loss(AutoModelForCausalLM.from_pretrained(tiny_gpt2_dir), tok)
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "full" / "model")
+    assert type(exported).__name__ == "GPT2LMHeadModel"
+    assert _eval_loss(exported, tok) == pytest.approx(full["eval_loss"], abs=1e-5) and full["eval_loss"] < before
+    base = AutoModelForCausalLM.from_pretrained(tiny_gpt2_dir)
+    adapter = PeftModel.from_pretrained(base, tmp_path / "lora" / "model")
+    assert _eval_loss(adapter, tok, "lora") == pytest.approx(lora["eval_loss"], abs=1e-5)
+    assert lora["eval_loss"] < before
+
     from shardtune.utils.config_utils import ConfigError
 
     with pytest.raises(ConfigError, match="q_proj, v_proj not in this model; its linear layers are"):
