@@ -200,6 +200,43 @@ def test_real_pretrained_smollm2_lora_loss_falls(tmp_path):
     assert losses[-1] < losses[0] - 0.3, losses  # measured: 1.83 -> 1.06
 
 
-def test_use_fast_kernels_logs_the_attention_choice(tiny_llama_dir, tmp_path, capsys):
-    main(model_name=str(tiny_llama_dir), use_fast_kernels=True, max_train_step=1, output_dir=str(tmp_path), **QUICK)
+def test_pick_attention_for_each_device_and_package(monkeypatch):
+    """flash-attn 2 only on CUDA with the package installed; SDPA otherwise; transformers' default when off.
+    (The GPU itself cannot exist here: the device is only a torch.device, and find_spec is faked.)"""
+    import importlib.util
+
+    from shardtune.utils import model_utils
+
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    real_find_spec = importlib.util.find_spec
+    for installed in (True, False):
+        monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: (
+            (object() if installed else None) if name == "flash_attn" else real_find_spec(name, *a)))
+        assert model_utils.pick_attention(True, cuda) == ("flash_attention_2" if installed else "sdpa")
+        assert model_utils.pick_attention(True, cpu) == "sdpa"
+        assert model_utils.pick_attention(False, cuda) is None and model_utils.pick_attention(False, cpu) is None
+
+
+def test_use_fast_kernels_trains_like_eager_attention(tiny_llama_dir, tmp_path, capsys, monkeypatch):
+    """On CPU --use_fast_kernels loads the model with SDPA; its steps equal those of the same run with eager
+    attention (plain matmul + softmax), so the faster kernel computes the same training."""
+    from shardtune.utils import model_utils
+
+    loaded = []
+    real_load = model_utils.load_model
+
+    def recording_load(*args, **kwargs):
+        model = real_load(*args, **kwargs)
+        loaded.append(model.config._attn_implementation)
+        return model
+
+    monkeypatch.setattr(model_utils, "load_model", recording_load)
+    run = dict(model_name=str(tiny_llama_dir), max_train_step=3, lr=1e-3, **QUICK)
+    main(use_fast_kernels=True, output_dir=str(tmp_path / "fast"), **run)
     assert "--> attention: sdpa (CPU: no fused attention kernels exist here)" in capsys.readouterr().out
+    monkeypatch.setattr(model_utils, "pick_attention", lambda use_fast_kernels, device: "eager")
+    main(output_dir=str(tmp_path / "eager"), **run)
+    assert loaded == ["sdpa", "eager"]
+    fast, eager = _step_losses(tmp_path / "fast"), _step_losses(tmp_path / "eager")
+    assert len(fast) == 3 and fast[-1] < fast[0]
+    assert fast == pytest.approx(eager, abs=1e-5)
