@@ -3,7 +3,9 @@
 * ``tiny_llama_dir``: a 2-layer Llama (hidden 64, GQA) with the bundled byte-level BPE tokenizer,
   saved with save_pretrained (random weights, seed 0). Session-scoped: built once.
 * ``tiny_gpt2_dir``: a second architecture (GPT-2) with the same tokenizer.
-* ``shared_data``: ../shared/data (the real alpaca / samsum / grammar files).
+* ``data_root``: a folder holding alpaca/, samsum/ and grammar/ in each data set's real format. Every test
+  that takes it runs twice: on the small synthetic files in tests/fixtures (always), and on the full real
+  data sets in ../shared/data when that folder exists (CI); without it the second run is skipped.
 """
 from __future__ import annotations
 
@@ -18,16 +20,23 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parent.parent
+FIXTURE_DATA = REPO / "tests" / "fixtures"  # written by tests/fixtures/make_fixtures.py
 SHARED_DATA = REPO.parent / "shared" / "data"
+# Subprocesses and forked ranks get this long before they are killed: only a hung run should ever reach it
+# (a busy 2-core machine can make a 40 s run take several minutes), so no test depends on wall time.
+HANG_TIMEOUT_S = 1800
 
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: multi-process or real-model tests (still run in CI)")
 
 
-@pytest.fixture(scope="session")
-def shared_data() -> Path:
-    assert SHARED_DATA.is_dir(), f"real data sets expected at {SHARED_DATA}"
+@pytest.fixture(scope="session", params=["fixtures", "real"])
+def data_root(request) -> Path:
+    if request.param == "fixtures":
+        return FIXTURE_DATA
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"no real data sets at {SHARED_DATA}; the same checks ran on tests/fixtures")
     return SHARED_DATA
 
 

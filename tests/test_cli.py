@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import HANG_TIMEOUT_S
 
 from shardtune.configs import ShardingStrategy, StateDictType
 from shardtune.finetuning import cli
@@ -84,7 +85,8 @@ def test_cli_exit_code_2_and_nothing_written(tmp_path, capsys):
 
 def test_real_entry_point_prints_no_traceback(tmp_path):
     proc = subprocess.run([sys.executable, str(REPO / "finetuning.py"), "--fsdp_config.sharding_strategy", "X",
-                           "--output_dir", str(tmp_path / "o")], capture_output=True, text=True, timeout=120)
+                           "--output_dir", str(tmp_path / "o")], capture_output=True, text=True,
+                          timeout=HANG_TIMEOUT_S)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("error: --fsdp_config.sharding_strategy: expected one of")

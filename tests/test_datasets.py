@@ -1,5 +1,8 @@
-"""Data sets on (subsamples of) the real files in ../shared/data: prompts, label masks, splits, errors,
-custom and chat data sets, the tokenisation cache and rank-0-only tokenisation."""
+"""Data sets: prompts, label masks, splits, errors, custom and chat data sets, the tokenisation cache and
+rank-0-only tokenisation.
+
+Tests taking ``data_root`` (see conftest.py) run on the synthetic files in tests/fixtures, written in each
+data set's real format, and again on subsamples of the real files in ../shared/data when it exists."""
 from __future__ import annotations
 
 import csv
@@ -52,12 +55,13 @@ def assert_prompt_then_target_eos(samples, tok, pairs):
 
 # ---------------------------------------------------------------------------------------------- alpaca
 @pytest.fixture(scope="module")
-def alpaca_subsample(shared_data, tmp_path_factory):
-    """60 real records: the first 50, 5 with an empty output and 5 more with an input."""
-    records = json.loads((shared_data / "alpaca" / "alpaca_data.json").read_text(encoding="utf-8"))
+def alpaca_subsample(data_root, tmp_path_factory):
+    """60 records: the first 50, 5 with an empty output and 5 more with an input."""
+    records = json.loads((data_root / "alpaca" / "alpaca_data.json").read_text(encoding="utf-8"))
     empty = [r for r in records if not r["output"].strip()][:5]
     with_input = [r for r in records[50:] if r["input"] and r["output"].strip()][:5]
     sample = records[:50] + empty + with_input
+    assert len(empty) == len(with_input) == 5 and all(r["output"].strip() for r in records[:50])
     path = tmp_path_factory.mktemp("alpaca") / "alpaca_data.json"
     path.write_text(json.dumps(sample), encoding="utf-8")
     return path, sample
@@ -95,15 +99,16 @@ def test_alpaca_validation_split_is_fixed_and_disjoint(alpaca_subsample):
 
 # ---------------------------------------------------------------------------------------------- samsum
 @pytest.fixture(scope="module")
-def samsum_folder(shared_data, tmp_path_factory):
-    """The corpus layout with a few real records per split, including the train record with no dialogue."""
+def samsum_folder(data_root, tmp_path_factory):
+    """The corpus layout with a few records per split, plus the train record with no dialogue."""
     folder = tmp_path_factory.mktemp("samsum")
     picked = {}
     for name, n in (("train.json", 20), ("val.json", 8), ("test.json", 6)):
-        records = json.loads((shared_data / "samsum" / name).read_text(encoding="utf-8"))
-        picked[name] = records[:n] + [r for r in records if r["id"] == "13828807"]
+        records = json.loads((data_root / "samsum" / name).read_text(encoding="utf-8"))
+        picked[name] = records[:n] + [r for r in records[n:] if not r["dialogue"].strip()]
         (folder / name).write_text(json.dumps(picked[name]), encoding="utf-8")
-    assert len(picked["train.json"]) == 21, "the real train split has one record with an empty dialogue"
+    empty = [r for r in picked["train.json"] if not r["dialogue"].strip()]
+    assert len(empty) == 1, "the train split has one record with an empty dialogue (real: id 13828807)"
     return folder, picked
 
 
@@ -116,7 +121,8 @@ def test_samsum_local_folder_splits_and_masks(split, file, samsum_folder, tok, t
     pairs = [(SAMSUM.format(dialog=r["dialogue"].replace("\r\n", "\n")), r["summary"]) for r in records]
     assert_prompt_then_target_eos(samples, tok, pairs)
     if split == "train":
-        assert "skipped 1 of 21 records with an empty dialogue or summary" in capsys.readouterr().err
+        n = len(picked[file])
+        assert f"skipped 1 of {n} records with an empty dialogue or summary" in capsys.readouterr().err
 
 
 def test_samsum_hub_id_offline_and_online_errors_are_one_line(monkeypatch):
@@ -141,18 +147,23 @@ def test_samsum_hub_id_offline_and_online_errors_are_one_line(monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------- grammar
-def test_grammar_csv_with_byte_order_mark(shared_data, tok, tmp_path):
-    with open(shared_data / "grammar" / "gtrain_10k.csv", encoding="utf-8", newline="") as fh:
+def test_grammar_csv_with_byte_order_mark(data_root, tok, tmp_path):
+    with open(data_root / "grammar" / "gtrain_10k.csv", encoding="utf-8", newline="") as fh:
         rows = list(csv.DictReader(fh))
     rows = rows[:15] + rows[-15:]  # JFLEG rows first, C4_200M rows last
+    assert any("," in r["input"] and '"' in r["input"] for r in rows)  # CSV quoting is exercised
     path = tmp_path / "gtrain.csv"
     with open(path, "w", encoding="utf-8-sig", newline="") as fh:  # as llama-recipes' notebook writes it
         writer = csv.DictWriter(fh, fieldnames=["input", "target"])
         writer.writeheader()
         writer.writerows(rows)
-    cfg = C.grammar_dataset(train_split=str(path), test_split=str(shared_data / "grammar" / "grammar_validation.csv"))
+    cfg = C.grammar_dataset(train_split=str(path), test_split=str(data_root / "grammar" / "grammar_validation.csv"))
     samples = get_preprocessed_dataset(tok, cfg, "train", _train_cfg(tmp_path))
     assert_prompt_then_target_eos(samples, tok, [(GRAMMAR.format(input=r["input"]), r["target"]) for r in rows])
+    with open(cfg.test_split, encoding="utf-8", newline="") as fh:  # the validation file, as distributed
+        val_rows = list(csv.DictReader(fh))
+    val = get_preprocessed_dataset(tok, cfg, "val", _train_cfg(tmp_path))
+    assert_prompt_then_target_eos(val, tok, [(GRAMMAR.format(input=r["input"]), r["target"]) for r in val_rows])
 
 
 # ---------------------------------------------------------------------------------------------- errors

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import HANG_TIMEOUT_S
 
 from shardtune.utils.metrics import read_metrics
 
@@ -19,7 +20,7 @@ def test_default_run_trains_bundled_model_offline(tmp_path):
     """Runs in an empty working directory with the hub offline: needs nothing outside the package."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     proc = subprocess.run([sys.executable, str(REPO / "finetuning.py"), "--save_metrics"], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=HANG_TIMEOUT_S)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = tmp_path / "output"
     assert "embedded demo" in proc.stdout

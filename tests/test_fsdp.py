@@ -97,6 +97,69 @@ def test_every_sharding_strategy_gives_the_same_losses(tiny_llama_dir, tmp_path)
         assert curve == pytest.approx(base, abs=1e-6), name
 
 
+def _where_parameters_live(rank: int, world: int, model_dir: str) -> dict:
+    """Shard the tiny Llama with each strategy through shard_model; report, per rank, the mesh and placement of a
+    decoder-layer parameter and how many decoder-layer parameter elements (and gradient elements) this rank
+    holds at rest, right after forward, and after backward."""
+    from torch.distributed.tensor import DTensor
+    from transformers import AutoModelForCausalLM
+
+    from shardtune.utils.fsdp_utils import shard_model
+    from shardtune.utils.loss import CausalLMWithLoss
+    from shardtune.utils.model_utils import decoder_layers
+
+    def held(params) -> int:  # elements this rank stores: its shard of a DTensor, all of a gathered tensor
+        return sum(p.to_local().numel() if isinstance(p, DTensor) else p.numel() for p in params)
+
+    report = {}
+    ids = torch.arange(1, 33).reshape(2, 16)
+    for name, flags in STRATEGIES.items():
+        run = parse_cli({"model_name": model_dir, "enable_fsdp": True, "precision": "fp32", **flags})
+        model = CausalLMWithLoss(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32))
+        layers = decoder_layers(model)
+        full = sum(p.numel() for layer in layers for p in layer.parameters())
+        shard_model(model, run, DistInfo(rank, rank, world, torch.device("cpu")), "fp32")
+        sample = next(layers[0].parameters())
+        at_rest = held(p for layer in layers for p in layer.parameters())
+        out = model(input_ids=ids, labels=ids)
+        after_forward = held(p for layer in layers for p in layer.parameters())
+        out.loss_sum.backward()
+        report[name] = {"mesh": list(sample.device_mesh.shape), "placements": [repr(x) for x in sample.placements],
+                        "full": full, "at_rest": at_rest, "after_forward": after_forward,
+                        "after_backward": held(p for layer in layers for p in layer.parameters()),
+                        "grads": held(p.grad for layer in layers for p in layer.parameters())}
+    return report
+
+
+def test_sharding_strategies_place_parameters_and_gradients_as_documented(tiny_llama_dir, tmp_path, monkeypatch):
+    """Where each strategy keeps the decoder layers on 2 ranks: ZeRO-3 (FULL_SHARD, HYBRID_SHARD, HSDP 1x2) holds
+    half of them at every point; SHARD_GRAD_OP (ZeRO-2) holds them whole from forward to backward; NO_SHARD and
+    HSDP 2x1 replicate them whole, gradients included."""
+    import functools
+
+    from test_fsdp_support import run_fn_ranks
+
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # one node of 2 ranks, for HYBRID_SHARD's node mesh
+    reports = run_fn_ranks(functools.partial(_where_parameters_live, model_dir=str(tiny_llama_dir)), 2, tmp_path)
+    assert reports[0] == reports[1]  # the tiny layers split evenly: both ranks hold the same amounts
+    report = reports[0]
+    full = report["FULL_SHARD"]["full"]
+    half = full // 2
+    expected = {  # mesh, placements, held at rest / after forward / after backward, gradient elements held
+        "FULL_SHARD": ([2], ["Shard(dim=0)"], half, half, half, half),
+        "SHARD_GRAD_OP": ([2], ["Shard(dim=0)"], half, full, half, half),
+        "NO_SHARD": ([2, 1], ["Replicate()", "Shard(dim=0)"], full, full, full, full),
+        "HYBRID_SHARD_node_mesh": ([1, 2], ["Replicate()", "Shard(dim=0)"], half, half, half, half),
+        "HSDP_1x2": ([1, 2], ["Replicate()", "Shard(dim=0)"], half, half, half, half),
+        "HSDP_2x1": ([2, 1], ["Replicate()", "Shard(dim=0)"], full, full, full, full),
+    }
+    for name, (mesh, placements, at_rest, after_forward, after_backward, grads) in expected.items():
+        got = report[name]
+        assert (got["mesh"], got["placements"]) == (mesh, placements), name
+        assert (got["at_rest"], got["after_forward"], got["after_backward"], got["grads"]) == \
+            (at_rest, after_forward, after_backward, grads), name
+
+
 def test_two_ranks_equal_one_rank_with_twice_the_batch(tiny_llama_dir, tmp_path):
     """Packed data: all ranks share one permutation; rank r takes batches r, r+2, ... so step k of 2 ranks x
     batch 2 (or 2 ranks x batch 1 x GA 2) trains on the same 4 blocks as step k of 1 rank x batch 4.

@@ -3,7 +3,8 @@
 ``run_ranks`` forks ``world`` worker processes from the (already imported) pytest process; each sets
 the torchrun environment and calls ``shardtune.finetuning.main(**kwargs)`` in-process over gloo. That
 costs about a second per 2-rank run instead of ~6 s for a torchrun subprocess. A process-group
-timeout of 60 s and a join deadline make a failing rank fail the test instead of hanging it.
+timeout and a join deadline (both generous, see conftest.HANG_TIMEOUT_S) make a rank that dies or
+hangs fail the test instead of hanging the session.
 """
 from __future__ import annotations
 
@@ -20,8 +21,9 @@ from typing import List, Optional
 
 import torch
 import torch.multiprocessing as mp
+from conftest import HANG_TIMEOUT_S
 
-PG_TIMEOUT_S = "60"
+PG_TIMEOUT_S = "600"  # a collective waiting this long on a peer means the peer died (the product's default)
 
 
 def free_port() -> int:
@@ -86,8 +88,8 @@ def warm_imports() -> None:
     _WARM = True
 
 
-def run_ranks(world: int, kwargs: dict, result_dir: Path, *, timeout: float = 120.0, env: Optional[dict] = None,
-              expect_error: bool = False) -> List[dict]:
+def run_ranks(world: int, kwargs: dict, result_dir: Path, *, timeout: float = HANG_TIMEOUT_S,
+              env: Optional[dict] = None, expect_error: bool = False) -> List[dict]:
     """Run ``main(**kwargs)`` on ``world`` forked ranks; return each rank's result dict."""
     warm_imports()
     result_dir = Path(result_dir)
@@ -167,7 +169,7 @@ def _fn_worker(local_rank: int, world: int, port: int, fn, result_dir: str) -> N
     Path(result_dir, f"fn_rank{local_rank}.json").write_text(json.dumps(out, default=str))
 
 
-def run_fn_ranks(fn, world: int, result_dir: Path, timeout: float = 60.0) -> list:
+def run_fn_ranks(fn, world: int, result_dir: Path, timeout: float = HANG_TIMEOUT_S) -> list:
     """Run ``fn(rank, world)`` on ``world`` forked gloo ranks; return each rank's (JSON-able) result."""
     warm_imports()
     result_dir = Path(result_dir)

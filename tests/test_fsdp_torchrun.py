@@ -15,19 +15,19 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import HANG_TIMEOUT_S
 
 REPO = Path(__file__).resolve().parent.parent
-TIMEOUT_S = 240
 
 
 def _torchrun(args, out_dir: Path) -> str:
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_HUB_DISABLE_PROGRESS_BARS="1",
-               TOKENIZERS_PARALLELISM="false", SHARDTUNE_PG_TIMEOUT_S="60")
+               TOKENIZERS_PARALLELISM="false", SHARDTUNE_PG_TIMEOUT_S="600")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(REPO / "finetuning.py"), "--enable_fsdp", "--output_dir", str(out_dir), "--context_length", "64",
            "--num_epochs", "1", "--run_validation", "False", "--num_workers_dataloader", "0", "--precision", "fp32",
            "--save_metrics", "True", *map(str, args)]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=HANG_TIMEOUT_S)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
     return out

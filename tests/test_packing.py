@@ -48,8 +48,8 @@ def test_blocks_restart_positions_mask_doc_starts_and_pad_the_tail():
 
 
 @pytest.fixture(scope="module")
-def real_docs(tiny_llama_dir, shared_data):
-    """Five real Alpaca samples, tokenised by the real pipeline."""
+def real_docs(tiny_llama_dir, data_root):
+    """Five Alpaca records (synthetic, then real when ../shared/data exists), tokenised by the real pipeline."""
     import json
 
     from transformers import AutoTokenizer
@@ -58,7 +58,7 @@ def real_docs(tiny_llama_dir, shared_data):
     from shardtune.datasets.common import tokenize_prompt_and_target
 
     tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
-    with open(shared_data / "alpaca" / "alpaca_data.json", encoding="utf-8") as fh:
+    with open(data_root / "alpaca" / "alpaca_data.json", encoding="utf-8") as fh:
         records = json.load(fh)[:5]
     return [tokenize_prompt_and_target({"prompt": format_prompt(r), "target": r["output"]}, tok) for r in records]
 

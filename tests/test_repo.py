@@ -6,6 +6,8 @@ import shutil
 import subprocess
 from pathlib import Path
 
+from conftest import HANG_TIMEOUT_S
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -28,7 +30,7 @@ def test_quickstart_has_two_commands_and_ci_runs_the_test_one_verbatim():
 def test_console_script_prints_help():
     exe = shutil.which("shardtune")
     assert exe, "pip install -e . installs the 'shardtune' console script"
-    proc = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=HANG_TIMEOUT_S)
     assert proc.returncode == 0 and "--model_name" in proc.stdout and "fsdp_config:" in proc.stdout
 
 

@@ -148,7 +148,7 @@ def test_a_killed_run_resumed_ends_with_the_uninterrupted_result(point, world, t
     original = getattr(importlib.import_module(module), name)
     monkeypatch.setattr(importlib.import_module(module), name, killed_while_writing)  # inherited by forked ranks
     with pytest.raises(Exception, match="SIGKILL|died without a result"):
-        run_ranks(world, base_kwargs(tiny_llama_dir, tmp_path / "B", **flags), tmp_path / "rb1", timeout=60)
+        run_ranks(world, base_kwargs(tiny_llama_dir, tmp_path / "B", **flags), tmp_path / "rb1")
     monkeypatch.undo()
     out = tmp_path / "B"
     assert not (out / "model").exists()

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import HANG_TIMEOUT_S
 from test_fsdp_support import base_kwargs, run_ranks
 
 IDS = torch.tensor([[1, 17, 42, 99, 7, 300, 5, 64, 12, 250]])
@@ -288,7 +289,7 @@ def test_the_cli_reports_divergence_in_one_line_with_a_failing_status(tiny_llama
     proc = subprocess.run([sys.executable, str(repo / "finetuning.py"), "--model_name", str(tiny_llama_dir),
                            "--output_dir", str(tmp_path / "out"), "--lr", "1e30", "--max_train_step", "5",
                            "--context_length", "64", "--batch_size_training", "2", "--run_validation", "False",
-                           "--num_workers_dataloader", "0"], capture_output=True, text=True, timeout=600)
+                           "--num_workers_dataloader", "0"], capture_output=True, text=True, timeout=HANG_TIMEOUT_S)
     assert proc.returncode == 1
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "training diverged at step" in errors[0] and "Traceback" not in proc.stderr
