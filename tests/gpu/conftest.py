@@ -1,4 +1,4 @@
-"""GPU-only tests (``pytest -m gpu tests/gpu`` on a CUDA machine). Without CUDA every test here is skipped,
+"""GPU-only tests (``pytest tests/gpu`` on a CUDA machine; a package, so its conftest does not shadow tests/conftest). Without CUDA every test here is skipped,
 with the reason shown in pytest's summary (-rs). Results of each GPU run are recorded in benchmarks/README.md."""
 from __future__ import annotations
 

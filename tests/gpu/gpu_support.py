@@ -1,24 +1,14 @@
 """Helpers for tests/gpu: launching finetuning.py as users do, and the shared tiny-model builder."""
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+from conftest import save_llama  # noqa: F401 (tests/conftest.py: the shared tiny-model builder)
+
 REPO = Path(__file__).resolve().parents[2]
-
-
-def _tests_conftest():
-    """tests/conftest.py, loaded by path: inside tests/gpu the name 'conftest' is this folder's own."""
-    spec = importlib.util.spec_from_file_location("shardtune_tests_conftest", REPO / "tests" / "conftest.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-save_llama = _tests_conftest().save_llama
 
 
 def launch(args, out_dir: Path, nproc: int = 0, env: dict = None, timeout: float = 420) -> str:

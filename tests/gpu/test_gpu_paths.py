@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from gpu_support import REPO, launch, quick_flags, save_llama
+from gpu.gpu_support import REPO, launch, quick_flags, save_llama
 from test_fsdp_support import step_losses
 
 NGPU = torch.cuda.device_count() if torch.cuda.is_available() else 0
