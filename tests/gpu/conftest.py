@@ -1,5 +1,6 @@
-"""GPU-only tests (``pytest tests/gpu`` on a CUDA machine; a package, so its conftest does not shadow tests/conftest). Without CUDA every test here is skipped,
-with the reason shown in pytest's summary (-rs). Results of each GPU run are recorded in benchmarks/README.md."""
+"""GPU-only tests (``pytest tests/gpu`` on a CUDA machine). Without CUDA every test here is skipped, with the
+reason shown in pytest's summary (-rs). tests/gpu is a package so that this conftest does not shadow
+tests/conftest.py. Results of each GPU run are recorded in benchmarks/README.md."""
 from __future__ import annotations
 
 from pathlib import Path
