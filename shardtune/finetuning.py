@@ -11,6 +11,7 @@ import os
 import random
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -18,6 +19,7 @@ import torch
 from shardtune.utils import distributed
 from shardtune.utils.config_utils import (ConfigError, RunConfigs, dump_resolved, format_help, parse_cli,
                                           resolve_precision, save_resolved)
+from shardtune.utils.io import remove_new_files_on_error
 from shardtune.utils.logging import log, warn
 
 
@@ -57,6 +59,26 @@ def autocast_for(precision: str, device: torch.device, sharded: bool):
     return lambda: torch.autocast(device.type, dtype=dtype)
 
 
+def build_data(run: RunConfigs, tokenizer, dist_info):
+    """Tokenised train / eval samples and their loaders; checks that a batch fits the training set."""
+    from shardtune.data.loader import build_dataloader, check_batch_fits
+    from shardtune.datasets import get_custom_data_collator, get_preprocessed_dataset
+
+    t = run.train
+    train_samples = get_preprocessed_dataset(tokenizer, run.dataset, "train", t)
+    eval_samples = get_preprocessed_dataset(tokenizer, run.dataset, "val", t) if t.run_validation else None
+    collate = get_custom_data_collator(tokenizer, run.dataset)
+    train_loader = build_dataloader(train_samples, tokenizer, t, train=True, rank=dist_info.rank,
+                                    world_size=dist_info.world_size, collate_fn=collate)
+    eval_loader = (build_dataloader(eval_samples, tokenizer, t, train=False, rank=dist_info.rank,
+                                    world_size=dist_info.world_size, collate_fn=collate)
+                   if eval_samples is not None else None)
+    log(f"--> {t.dataset}: {len(train_samples)} train samples -> {len(train_loader)} batches per rank"
+        + (f"; {len(eval_samples)} eval samples" if eval_samples is not None else ""))
+    check_batch_fits(train_loader, t.batch_size_training, dist_info.world_size)
+    return train_loader, eval_loader
+
+
 def main(**kwargs) -> dict:
     # 1. Configs: parse and validate everything before any expensive work.
     run = parse_cli(kwargs)
@@ -77,13 +99,19 @@ def main(**kwargs) -> dict:
     check_trackers(run)  # --use_wandb / --use_tensorboard without the 'tracking' extra: one line, now
     check_profiler_config(run)
 
-    from shardtune.utils.model_utils import ModelSource, load_model_config, load_tokenizer
+    from shardtune.utils.model_utils import ModelSource, check_context_length, check_weight_files, \
+        load_model_config, load_tokenizer
 
-    model_config = load_model_config(ModelSource.parse(t.model_name))  # cheap: config.json only
+    model_source = ModelSource.parse(t.model_name)
+    model_config = load_model_config(model_source)  # cheap: config.json only
+    check_weight_files(model_source)  # truncated or corrupt safetensors: headers only
+    check_context_length(t.context_length, model_config)
     if t.use_peft:
         from shardtune.utils.peft_utils import check_peft_supported
 
         check_peft_supported(run, model_config.model_type)
+    tokenizer = load_tokenizer(t.tokenizer_name or t.model_name,
+                               "--tokenizer_name" if t.tokenizer_name else "--model_name")
 
     # 2. Processes, device, seeds, precision.
     dist_info = distributed.setup(t.enable_fsdp)
@@ -91,15 +119,11 @@ def main(**kwargs) -> dict:
     seed_everything(t.seed)
     precision = resolve_precision(run, device)
     output_dir = Path(t.output_dir)
-    if distributed.is_main():
-        output_dir.mkdir(parents=True, exist_ok=True)
-        save_resolved(run, output_dir / "run_config.yaml")
     if run.demo_preset:
         from shardtune.configs.presets import DEMO_PRESET
 
         log("--> no --model_name: embedded demo with the bundled tiny Llama and Alpaca sample; preset "
             + ", ".join(f"{k.split('.')[-1]}={v}" for k, v in DEMO_PRESET.items()) + " (flags override)")
-    log(f"--> resolved config (also in {output_dir / 'run_config.yaml'}):\n{dump_resolved(run)}")
     log(f"--> device {device} x {dist_info.world_size} process(es), precision {precision}")
     if t.enable_fsdp and dist_info.distributed:
         from shardtune.utils.fsdp_utils import check_fsdp_config
@@ -109,24 +133,15 @@ def main(**kwargs) -> dict:
 
     resume = find_resume_point(run)  # --resume_from DIR | auto; None: start from scratch
 
-    # 3. Tokenizer and data (file errors surface here, before the weights are read).
-    tokenizer = load_tokenizer(t.tokenizer_name or t.model_name,
-                               "--tokenizer_name" if t.tokenizer_name else "--model_name")
-    from shardtune.data.loader import build_dataloader
-    from shardtune.datasets import get_custom_data_collator, get_preprocessed_dataset
-
-    train_samples = get_preprocessed_dataset(tokenizer, run.dataset, "train", t)
-    eval_samples = get_preprocessed_dataset(tokenizer, run.dataset, "val", t) if t.run_validation else None
-    collate = get_custom_data_collator(tokenizer, run.dataset)
-    train_loader = build_dataloader(train_samples, tokenizer, t, train=True, rank=dist_info.rank,
-                                    world_size=dist_info.world_size, collate_fn=collate)
-    eval_loader = (build_dataloader(eval_samples, tokenizer, t, train=False, rank=dist_info.rank,
-                                    world_size=dist_info.world_size, collate_fn=collate)
-                   if eval_samples is not None else None)
-    log(f"--> {t.dataset}: {len(train_samples)} train samples -> {len(train_loader)} batches per rank"
-        + (f"; {len(eval_samples)} eval samples" if eval_samples is not None else ""))
-    if len(train_loader) == 0:
-        raise ConfigError(f"--batch_size_training {t.batch_size_training}: the training set gives no batch per rank")
+    # 3. Data (file errors surface here, before the weights are read). A data error removes the tokenised
+    #    cache it may have written, so that rejected input leaves the output folder as it was.
+    with remove_new_files_on_error(output_dir, ConfigError) if distributed.is_main() else contextlib.nullcontext():
+        train_loader, eval_loader = build_data(run, tokenizer, dist_info)
+    # Every input is checked: the first file of the run goes into the output folder now.
+    if distributed.is_main():
+        output_dir.mkdir(parents=True, exist_ok=True)
+        save_resolved(run, output_dir / "run_config.yaml")
+    log(f"--> resolved config (also in {output_dir / 'run_config.yaml'}):\n{dump_resolved(run)}")
 
     # 4. Model: load, adapt (PEFT / freezing), wrap for the loss, then shard or move to the device.
     from shardtune.utils.loss import CausalLMWithLoss
@@ -224,23 +239,64 @@ def main(**kwargs) -> dict:
     return summary
 
 
-def _run_without_result(**kwargs) -> None:
+def _run_without_result(*positional, **kwargs) -> None:
+    if positional:  # fire would train first and only then complain about the leftover argument
+        raise ConfigError(f"unexpected argument {positional[0]!r}: options are given as --name value (is a --flag "
+                          "missing before it?); see --help")
     main(**kwargs)  # fire would print a returned dict
 
 
+def _flag_names(argv) -> list:
+    return [token[2:].split("=", 1)[0].replace("-", "_") for token in argv if token.startswith("--")]
+
+
+def _wants_debug(argv) -> bool:
+    """--debug, --debug True, --debug=1 (read before parsing, so that parse errors show a traceback too)."""
+    for i, token in enumerate(argv):
+        name, eq, value = token[2:].partition("=")
+        if token.startswith("--") and name.replace("-", "_") in ("debug", "train_config.debug"):
+            if not eq:
+                value = argv[i + 1] if i + 1 < len(argv) and not argv[i + 1].startswith("--") else "true"
+            return value.strip().lower() in ("true", "1", "yes", "y", "on")
+    return False
+
+
+def _print_help() -> None:
+    try:
+        print(format_help(), flush=True)
+    except BrokenPipeError:  # `--help | head`: the reader left; send the rest (and the exit flush) nowhere
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
 def cli(argv=None) -> int:
-    """Console entry: ``--help`` prints every config field; a ConfigError prints one line and exits 2."""
+    """Console entry: ``--help`` prints every config field. A ConfigError prints one line (rank 0) and exits
+    2; any other error prints one line per rank and exits 1. ``--debug`` prints the traceback instead."""
     argv = sys.argv[1:] if argv is None else argv
     if any(a in ("-h", "--help", "-help") for a in argv):
-        print(format_help())
+        _print_help()
         return 0
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    names = _flag_names(argv)
+    for name in sorted({n for n in names if names.count(n) > 1}):
+        warn(f"--{name} is given {names.count(name)} times; the last value is used")
     import fire
 
     try:
         fire.Fire(_run_without_result, command=argv, name="finetuning.py")
     except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        if _wants_debug(argv):
+            traceback.print_exc()
+        elif distributed.is_main():  # every rank meets the same bad input: say it once
+            print(f"error: {exc}", file=sys.stderr, flush=True)
         return 2
+    except Exception as exc:  # noqa: BLE001 - one line per rank; the traceback on request
+        if _wants_debug(argv):
+            traceback.print_exc()
+        else:
+            where = f"[rank {distributed.info().rank}] " if distributed.info().world_size > 1 else ""
+            first = (str(exc).strip().splitlines() or [""])[0]
+            print(f"error: {where}{type(exc).__name__}: {first} (--debug shows the traceback)", file=sys.stderr,
+                  flush=True)
+        return 1
     return 0

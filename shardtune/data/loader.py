@@ -90,3 +90,16 @@ def build_dataloader(samples, tokenizer, train_cfg, *, train: bool, rank: int = 
     workers = train_cfg.num_workers_dataloader
     return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=workers,
                       pin_memory=torch.cuda.is_available(), prefetch_factor=2 if workers > 0 else None)
+
+
+def check_batch_fits(loader: DataLoader, batch_size: int, world_size: int) -> None:
+    """One optimizer step needs batch_size samples (or packed blocks) on every rank: a larger batch than the
+    data set would only repeat fillers and waste memory."""
+    from shardtune.utils.config_utils import ConfigError
+
+    units = loader.batch_sampler.num_samples
+    what = "packed blocks" if isinstance(loader.batch_sampler, RandomBatchSampler) else "samples"
+    if batch_size * world_size > units:
+        raise ConfigError(f"--batch_size_training {batch_size}: the training set has only {units} {what}"
+                          + (f" for {world_size} ranks" if world_size > 1 else "")
+                          + f"; use --batch_size_training {max(1, units // world_size)} or less")

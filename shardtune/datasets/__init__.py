@@ -16,6 +16,7 @@ import numpy as np
 from shardtune.datasets import alpaca_dataset, chat_dataset, custom_dataset, grammar_dataset, samsum_dataset
 from shardtune.datasets.cache import cached_tokenized, on_rank0
 from shardtune.datasets.common import target_start, tokenize_prompt_and_target
+from shardtune.utils.config_utils import ConfigError
 from shardtune.utils.logging import log, warn
 
 
@@ -52,6 +53,9 @@ def get_preprocessed_dataset(tokenizer, dataset_config, split: str = "train", tr
                                    cache_dir)
     else:
         raise NotImplementedError(f"{name} is not implemented")
+    if len(samples) == 0:
+        raise ConfigError(f"{name}: the {which!r} split holds no usable sample (see the warnings above); check the "
+                          "data file")
     if train_config is not None:
         samples = drop_unsupervised(samples, train_config.context_length, f"{name} {which}")
     return samples
@@ -95,6 +99,9 @@ def drop_unsupervised(samples, context_length: int, what: str):
             "and are truncated")
     if keep.all():
         return samples
+    if not keep.any():
+        raise ConfigError(f"--context_length {context_length}: too small for any sample of {what} (the shortest "
+                          f"prompt takes {int(starts.min())} tokens); raise --context_length")
     warn(f"{what}: dropped {int((~keep).sum())} of {len(keep)} samples that have no supervised token within "
          f"context_length={context_length} (the prompt fills it); raise --context_length to keep them")
     kept = np.flatnonzero(keep).tolist()

@@ -30,6 +30,7 @@ class DistInfo:
 
 
 _INFO = DistInfo()
+_SET_UP = False  # before setup(), the launcher's RANK variable says which process owns the terminal
 
 
 def launched_by_torchrun() -> bool:
@@ -38,6 +39,10 @@ def launched_by_torchrun() -> bool:
 
 def env_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def env_rank() -> int:
+    return int(os.environ.get("RANK", "0"))
 
 
 def pick_device(local_rank: int) -> torch.device:
@@ -52,7 +57,8 @@ def setup(enable_fsdp: bool) -> DistInfo:
     The backend follows the device: NCCL on GPUs, gloo on CPU. The timeout is short by default
     (SHARDTUNE_PG_TIMEOUT_S, 600 s) so that a rank that dies cannot hang the others for 30 minutes.
     """
-    global _INFO
+    global _INFO, _SET_UP
+    _SET_UP = True
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = pick_device(local_rank)
     if device.type == "cuda":
@@ -76,7 +82,7 @@ def info() -> DistInfo:
 
 
 def is_main() -> bool:
-    return _INFO.is_main
+    return _INFO.is_main if _SET_UP else env_rank() == 0
 
 
 def barrier() -> None:
