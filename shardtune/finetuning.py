@@ -99,13 +99,13 @@ def main(**kwargs) -> dict:
     check_trackers(run)  # --use_wandb / --use_tensorboard without the 'tracking' extra: one line, now
     check_profiler_config(run)
 
-    from shardtune.utils.model_utils import ModelSource, check_context_length, check_weight_files, \
+    from shardtune.utils.model_utils import ModelSource, check_against_model_config, check_weight_files, \
         load_model_config, load_tokenizer
 
     model_source = ModelSource.parse(t.model_name)
     model_config = load_model_config(model_source)  # cheap: config.json only
     check_weight_files(model_source)  # truncated or corrupt safetensors: headers only
-    check_context_length(t.context_length, model_config)
+    check_against_model_config(t, model_config)
     if t.use_peft:
         from shardtune.utils.peft_utils import check_peft_supported
 
@@ -239,6 +239,9 @@ def main(**kwargs) -> dict:
     return summary
 
 
+RANK0_FIRST_S = 2.0  # how long other ranks wait before exiting on a config error (rank 0 prints it)
+
+
 def _run_without_result(*positional, **kwargs) -> None:
     if positional:  # fire would train first and only then complain about the leftover argument
         raise ConfigError(f"unexpected argument {positional[0]!r}: options are given as --name value (is a --flag "
@@ -289,6 +292,8 @@ def cli(argv=None) -> int:
             traceback.print_exc()
         elif distributed.is_main():  # every rank meets the same bad input: say it once
             print(f"error: {exc}", file=sys.stderr, flush=True)
+        else:  # torchrun stops the other ranks as soon as one exits: let rank 0 print first
+            time.sleep(RANK0_FIRST_S)
         return 2
     except Exception as exc:  # noqa: BLE001 - one line per rank; the traceback on request
         if _wants_debug(argv):

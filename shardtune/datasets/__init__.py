@@ -53,9 +53,6 @@ def get_preprocessed_dataset(tokenizer, dataset_config, split: str = "train", tr
                                    cache_dir)
     else:
         raise NotImplementedError(f"{name} is not implemented")
-    if len(samples) == 0:
-        raise ConfigError(f"{name}: the {which!r} split holds no usable sample (see the warnings above); check the "
-                          "data file")
     if train_config is not None:
         samples = drop_unsupervised(samples, train_config.context_length, f"{name} {which}")
     return samples

@@ -96,9 +96,14 @@ def check_weight_files(src: ModelSource, flag: str = "--model_name") -> None:
                               "re-download or re-save the model")
 
 
-def check_context_length(context_length: int, model_config) -> None:
-    """Warn when blocks are longer than the positions the model was trained for."""
+def check_against_model_config(train_config, model_config) -> None:
+    """Flags that depend on the model's shape, checked from its config before any weights are read."""
+    t = train_config
+    layers = getattr(model_config, "num_hidden_layers", None)
+    if t.freeze_layers and layers is not None and t.num_freeze_layers > layers:
+        raise ConfigError(f"--num_freeze_layers: {t.num_freeze_layers} exceeds the model's {layers} decoder layers")
     limit = getattr(model_config, "max_position_embeddings", None)
+    context_length = t.context_length
     if limit and context_length > limit:
         warn(f"--context_length {context_length} exceeds the model's max_position_embeddings ({limit}): positions "
              "beyond it were never trained and may give poor results")
