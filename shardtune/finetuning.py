@@ -19,8 +19,10 @@ import torch
 from shardtune.utils import distributed
 from shardtune.utils.config_utils import (ConfigError, RunConfigs, dump_resolved, format_help, parse_cli,
                                           resolve_precision, save_resolved)
+from shardtune.utils.disk import SaveError
 from shardtune.utils.io import remove_new_files_on_error
 from shardtune.utils.logging import log, warn
+from shardtune.utils.preemption import PREEMPTED_EXIT_CODE, Preempted
 
 
 def seed_everything(seed: int) -> None:
@@ -114,7 +116,7 @@ def main(**kwargs) -> dict:
                                "--tokenizer_name" if t.tokenizer_name else "--model_name")
 
     # 2. Processes, device, seeds, precision.
-    dist_info = distributed.setup(t.enable_fsdp)
+    dist_info = distributed.setup(t.enable_fsdp, t.dist_timeout_s)
     device = dist_info.device
     seed_everything(t.seed)
     precision = resolve_precision(run, device)
@@ -193,6 +195,8 @@ def main(**kwargs) -> dict:
     # 6. Train.
     from shardtune.model_checkpointing.checkpoint import Checkpointer
     from shardtune.utils.metrics import MetricsWriter
+    from shardtune.utils.disk import guard_saves, warn_if_low_disk
+    from shardtune.utils.preemption import StopRequest
     from shardtune.utils.train_utils import TrainContext, train
 
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -215,15 +219,23 @@ def main(**kwargs) -> dict:
     # Resumable checkpoints (every --save_every_n_steps and per epoch) and the exported model / adapter
     # (<output_dir>/model); resuming restores model, optimizer, scheduler, progress and RNG.
     checkpointer = Checkpointer(run, model, lm, optimizer, lr_scheduler, scaler, tokenizer, export_dtype)
+    # A full disk or a file-size limit during a save: one line, no temporary folders left (utils/disk.py).
+    save_checkpoint = guard_saves(checkpointer, [checkpointer.root, output_dir])
+    if distributed.is_main():
+        trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+        warn_if_low_disk(checkpointer.root, checkpoint_bytes=3 * trainable,  # weights + two AdamW moments
+                         copies=t.keep_last_n_checkpoints + 1, export_bytes=total * export_dtype.itemsize
+                         if t.save_model else 0)
     state, restore_rng = checkpointer.load(resume) if resume else (None, None)
 
     ctx = TrainContext(run=run, device=device, autocast=autocast_for(precision, device, t.enable_fsdp and
                                                                      dist_info.distributed),
-                       scaler=scaler, metrics=metrics, set_gradient_sync=sync_fn, save_checkpoint=checkpointer,
+                       scaler=scaler, metrics=metrics, set_gradient_sync=sync_fn, save_checkpoint=save_checkpoint,
                        observers=observers, model_flops=model_flops, peak_tflops=peak_tflops,
-                       restore_rng=restore_rng)
+                       restore_rng=restore_rng, stop_request=StopRequest())
     try:
-        summary = train(model, train_loader, eval_loader, optimizer, lr_scheduler, ctx, state=state)
+        with ctx.stop_request:  # SIGTERM / SIGINT from here on: finish the step, checkpoint, exit 75
+            summary = train(model, train_loader, eval_loader, optimizer, lr_scheduler, ctx, state=state)
         summary.update({"flop_counter": obs.result for obs in observers if getattr(obs, "result", None)})
     finally:
         for obs in observers:
@@ -264,6 +276,14 @@ def _wants_debug(argv) -> bool:
     return False
 
 
+def _say(line: str) -> None:
+    """The run's last line, on stderr and on a line of its own even when a progress bar is open."""
+    from tqdm import tqdm
+
+    tqdm.write(line, file=sys.stderr)
+    sys.stderr.flush()
+
+
 def _print_help() -> None:
     try:
         print(format_help(), flush=True)
@@ -287,21 +307,29 @@ def cli(argv=None) -> int:
 
     try:
         fire.Fire(_run_without_result, command=argv, name="finetuning.py")
+    except Preempted as stop:  # every rank agreed to stop after the same step and the checkpoint is written
+        if distributed.is_main():
+            _say(str(stop))
+        distributed.cleanup()
+        return PREEMPTED_EXIT_CODE
     except ConfigError as exc:
         if _wants_debug(argv):
             traceback.print_exc()
         elif distributed.is_main():  # every rank meets the same bad input: say it once
-            print(f"error: {exc}", file=sys.stderr, flush=True)
+            _say(f"error: {exc}")
         else:  # torchrun stops the other ranks as soon as one exits: let rank 0 print first
             time.sleep(RANK0_FIRST_S)
         return 2
-    except Exception as exc:  # noqa: BLE001 - one line per rank; the traceback on request
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as exc:  # noqa: BLE001 - one line per rank (DCP raises BaseExceptions); traceback on request
         if _wants_debug(argv):
             traceback.print_exc()
         else:
             where = f"[rank {distributed.info().rank}] " if distributed.info().world_size > 1 else ""
             first = (str(exc).strip().splitlines() or [""])[0]
-            print(f"error: {where}{type(exc).__name__}: {first} (--debug shows the traceback)", file=sys.stderr,
-                  flush=True)
+            what = distributed.describe_timeout(exc) or (
+                first if isinstance(exc, SaveError) else f"{type(exc).__name__}: {first} (--debug shows the traceback)")
+            _say(f"error: {where}{what}")
         return 1
     return 0

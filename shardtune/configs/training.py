@@ -103,6 +103,9 @@ class train_config:
     use_wandb: bool = doc(False, "Log to Weights & Biases (optional extra: pip install 'shardtune[tracking]').")
     use_tensorboard: bool = doc(False, "Write TensorBoard event files under <output_dir>/tensorboard (optional "
                                        "extra: pip install 'shardtune[tracking]').")
+    dist_timeout_s: Optional[float] = doc(None, "Seconds a collective waits for the other ranks before the job "
+                                                "fails, naming the rank that stopped answering (default 300, or "
+                                                "$SHARDTUNE_PG_TIMEOUT_S).", valid="(0, inf)")
     debug: bool = doc(False, "On an error, print the full Python traceback (default: one line naming the flag or "
                              "file and what would be valid).")
     one_gpu: bool = doc(False, "Ignored.", deprecated="dead field in the reference; a single process without "

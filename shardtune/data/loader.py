@@ -16,6 +16,7 @@ from shardtune.data.collate import PaddingCollator, packed_collator
 from shardtune.data.packing import pack_dataset
 from shardtune.data.sampler import LengthBasedBatchSampler, RandomBatchSampler
 from shardtune.utils.logging import log, warn
+from shardtune.utils.preemption import ignore_stop_signals
 from shardtune.utils.loss import IGNORE_INDEX
 
 
@@ -89,7 +90,8 @@ def build_dataloader(samples, tokenizer, train_cfg, *, train: bool, rank: int = 
         dataset, collate = WithFillers(dataset), FillerCollator(collate)
     workers = train_cfg.num_workers_dataloader
     return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=workers,
-                      pin_memory=torch.cuda.is_available(), prefetch_factor=2 if workers > 0 else None)
+                      pin_memory=torch.cuda.is_available(), prefetch_factor=2 if workers > 0 else None,
+                      worker_init_fn=ignore_stop_signals if workers > 0 else None)
 
 
 def check_batch_fits(loader: DataLoader, batch_size: int, world_size: int) -> None:
