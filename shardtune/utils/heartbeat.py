@@ -17,7 +17,7 @@ from typing import Optional
 import torch.distributed as dist
 
 INTERVAL_S = 1.0
-SILENT_AFTER_S = 5.0  # a rank silent for longer than this has stopped (stamps come every INTERVAL_S)
+SILENT_AFTER_S = 3.0  # a rank silent for longer than this has stopped (stamps come every INTERVAL_S)
 KEY = "shardtune_heartbeat/{rank}"
 
 
