@@ -12,6 +12,7 @@ period (30 s) to finish its step and save before the launcher sends SIGKILL.
 from __future__ import annotations
 
 import signal
+import threading
 from typing import Optional
 
 import torch
@@ -49,6 +50,8 @@ class StopRequest:
         self.signum = signum  # nothing else here: printing inside a signal handler can collide with a print
 
     def __enter__(self) -> "StopRequest":
+        if threading.current_thread() is not threading.main_thread():
+            return self  # signal handlers can only be set from the main thread (main() called from a thread)
         for sig in STOP_SIGNALS:
             self._previous[sig] = signal.signal(sig, self._handle)
         return self
