@@ -194,8 +194,8 @@ def main(**kwargs) -> dict:
 
     # 6. Train.
     from shardtune.model_checkpointing.checkpoint import Checkpointer
-    from shardtune.utils.metrics import MetricsWriter
     from shardtune.utils.disk import guard_saves, warn_if_low_disk
+    from shardtune.utils.metrics import MetricsWriter
     from shardtune.utils.preemption import StopRequest
     from shardtune.utils.train_utils import TrainContext, train
 
