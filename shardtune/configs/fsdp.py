@@ -32,9 +32,9 @@ class fsdp_config:
                                               "FULL_SHARD | SHARD_GRAD_OP | NO_SHARD | HYBRID_SHARD.")
     hsdp: bool = doc(False, "Build an explicit 2-D (replicate x shard) device mesh for HYBRID_SHARD from "
                             "sharding_group_size and replica_group_size.")
-    sharding_group_size: int = doc(0, "HSDP: ranks that shard one model replica.")
+    sharding_group_size: int = doc(0, "HSDP: ranks that shard one model replica.", valid="[0, inf)")
     replica_group_size: int = doc(0, "HSDP: number of replicas; sharding_group_size x replica_group_size must equal "
-                                     "the world size.")
+                                     "the world size.", valid="[0, inf)")
     checkpoint_type: StateDictType = doc(StateDictType.SHARDED_STATE_DICT,
                                          "SHARDED_STATE_DICT (torch.distributed.checkpoint, resumable) or "
                                          "FULL_STATE_DICT (a Hugging Face folder gathered on rank 0).")
