@@ -10,6 +10,7 @@ import json
 import os
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -17,8 +18,9 @@ import torch
 from shardtune.utils import distributed
 from shardtune.utils.config_utils import (ConfigError, RunConfigs, dump_resolved, format_help, parse_cli,
                                           resolve_compile, resolve_precision, save_resolved)
-from shardtune.utils.io import atomic_write_text
+from shardtune.utils.io import atomic_write_text, remove_new_files_on_error
 from shardtune.utils.logging import log, warn
+from shardtune.utils.preemption import PREEMPTED_EXIT_CODE, Preempted
 from shardtune.utils.rng import seed_everything
 
 
@@ -47,6 +49,26 @@ def autocast_for(precision: str, device: torch.device, sharded: bool):
     return lambda: torch.autocast(device.type, dtype=dtype)
 
 
+def build_data(run: RunConfigs, tokenizer, dist_info):
+    """Tokenised train / eval samples and their loaders; checks that a batch fits the training set."""
+    from shardtune.data.loader import build_dataloader, check_batch_fits
+    from shardtune.datasets import get_custom_data_collator, get_preprocessed_dataset
+
+    t = run.train
+    train_samples = get_preprocessed_dataset(tokenizer, run.dataset, "train", t)
+    eval_samples = get_preprocessed_dataset(tokenizer, run.dataset, "val", t) if t.run_validation else None
+    collate = get_custom_data_collator(tokenizer, run.dataset)
+    train_loader = build_dataloader(train_samples, tokenizer, t, train=True, rank=dist_info.rank,
+                                    world_size=dist_info.world_size, collate_fn=collate)
+    eval_loader = (build_dataloader(eval_samples, tokenizer, t, train=False, rank=dist_info.rank,
+                                    world_size=dist_info.world_size, collate_fn=collate)
+                   if eval_samples is not None else None)
+    log(f"--> {t.dataset}: {len(train_samples)} train samples -> {len(train_loader)} batches per rank"
+        + (f"; {len(eval_samples)} eval samples" if eval_samples is not None else ""))
+    check_batch_fits(train_loader, t.batch_size_training, dist_info.world_size)
+    return train_loader, eval_loader
+
+
 def main(**kwargs) -> dict:
     # 1. Configs: parse and validate everything before any expensive work.
     run = parse_cli(kwargs)
@@ -67,35 +89,39 @@ def main(**kwargs) -> dict:
     check_trackers(run)  # --use_wandb / --use_tensorboard without the 'tracking' extra: one line, now
     check_profiler_config(run)
 
-    from shardtune.utils.model_utils import ModelSource, load_model_config, load_tokenizer
+    from shardtune.utils.model_utils import ModelSource, check_against_model_config, check_weight_files, \
+        load_model_config, load_tokenizer
 
-    model_config = load_model_config(ModelSource.parse(t.model_name))  # cheap: config.json only
+    model_source = ModelSource.parse(t.model_name)
+    model_config = load_model_config(model_source)  # cheap: config.json only
+    check_weight_files(model_source)  # truncated or corrupt safetensors: headers only
+    check_against_model_config(t, model_config)
     if t.use_peft:
         from shardtune.utils.peft_utils import check_peft_supported
 
         check_peft_supported(run, model_config.model_type)
+    tokenizer = load_tokenizer(t.tokenizer_name or t.model_name,
+                               "--tokenizer_name" if t.tokenizer_name else "--model_name")
 
     # 2. Processes, device, seeds, precision. (The CUDA allocator is configured before CUDA starts.)
     from shardtune.utils.memory_utils import configure_cuda_allocator
 
     allocator_note = configure_cuda_allocator()
-    dist_info = distributed.setup(t.enable_fsdp)
+    dist_info = distributed.setup(t.enable_fsdp, t.dist_timeout_s)
     device = dist_info.device
     seed_everything(t.seed)
     precision = resolve_precision(run, device)
     output_dir = Path(t.output_dir)
-    from shardtune.model_checkpointing.output_dir import claim_output_dir, start_run
+    from shardtune.model_checkpointing.output_dir import claim_output_dir, lock_new_output_dir, start_run
 
-    # One run per output folder (a lock), and never silently on top of an earlier run's results.
+    # One run per output folder (a lock), and never silently on top of an earlier run's results. Nothing is
+    # written here: a folder that does not exist yet is created (and locked) once every input is checked.
     run_dir = distributed.on_rank0(lambda: claim_output_dir(run), "claim the output folder")
-    if distributed.is_main():
-        save_resolved(run, output_dir / "run_config.yaml")
     if run.demo_preset:
         from shardtune.configs.presets import DEMO_PRESET
 
         log("--> no --model_name: embedded demo with the bundled tiny Llama and Alpaca sample; preset "
             + ", ".join(f"{k.split('.')[-1]}={v}" for k, v in DEMO_PRESET.items()) + " (flags override)")
-    log(f"--> resolved config (also in {output_dir / 'run_config.yaml'}):\n{dump_resolved(run)}")
     log(f"--> device {device} x {dist_info.world_size} process(es), precision {precision}"
         + (f"; {allocator_note}" if device.type == "cuda" else ""))
     if t.enable_fsdp and dist_info.distributed:
@@ -107,24 +133,15 @@ def main(**kwargs) -> dict:
     resume = find_resume_point(run, run_dir.previous_run_id)  # --resume_from DIR | auto; None: from scratch
     run_id = (resume.info.get("run_id") or run_dir.run_id) if resume else run_dir.run_id
 
-    # 3. Tokenizer and data (file errors surface here, before the weights are read).
-    tokenizer = load_tokenizer(t.tokenizer_name or t.model_name,
-                               "--tokenizer_name" if t.tokenizer_name else "--model_name")
-    from shardtune.data.loader import build_dataloader
-    from shardtune.datasets import get_custom_data_collator, get_preprocessed_dataset
-
-    train_samples = get_preprocessed_dataset(tokenizer, run.dataset, "train", t)
-    eval_samples = get_preprocessed_dataset(tokenizer, run.dataset, "val", t) if t.run_validation else None
-    collate = get_custom_data_collator(tokenizer, run.dataset)
-    train_loader = build_dataloader(train_samples, tokenizer, t, train=True, rank=dist_info.rank,
-                                    world_size=dist_info.world_size, collate_fn=collate)
-    eval_loader = (build_dataloader(eval_samples, tokenizer, t, train=False, rank=dist_info.rank,
-                                    world_size=dist_info.world_size, collate_fn=collate)
-                   if eval_samples is not None else None)
-    log(f"--> {t.dataset}: {len(train_samples)} train samples -> {len(train_loader)} batches per rank"
-        + (f"; {len(eval_samples)} eval samples" if eval_samples is not None else ""))
-    if len(train_loader) == 0:
-        raise ConfigError(f"--batch_size_training {t.batch_size_training}: the training set gives no batch per rank")
+    # 3. Data (file errors surface here, before the weights are read). A data error removes the tokenised
+    #    cache it may have written, so that rejected input leaves the output folder as it was.
+    with remove_new_files_on_error(output_dir, ConfigError) if distributed.is_main() else contextlib.nullcontext():
+        train_loader, eval_loader = build_data(run, tokenizer, dist_info)
+    # Every input is checked: the first file of the run goes into the output folder now.
+    if distributed.is_main():
+        lock_new_output_dir(run_dir)
+        save_resolved(run, output_dir / "run_config.yaml")
+    log(f"--> resolved config (also in {output_dir / 'run_config.yaml'}):\n{dump_resolved(run)}")
 
     # 4. Model: load, adapt (PEFT / freezing), wrap for the loss, then shard or move to the device.
     from shardtune.utils.loss import CausalLMWithLoss
@@ -193,7 +210,9 @@ def main(**kwargs) -> dict:
 
     # 6. Train.
     from shardtune.model_checkpointing.checkpoint import Checkpointer
+    from shardtune.utils.disk import guard_saves, warn_if_low_disk
     from shardtune.utils.metrics import MetricsWriter
+    from shardtune.utils.preemption import StopRequest
     from shardtune.utils.train_utils import TrainContext, train
 
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -220,6 +239,13 @@ def main(**kwargs) -> dict:
     # (<output_dir>/model); resuming restores model, optimizer, scheduler, progress and RNG.
     checkpointer = Checkpointer(run, model, lm, optimizer, lr_scheduler, scaler, tokenizer, export_dtype, run_id)
     distributed.on_rank0(lambda: start_run(run, run_dir, run_id), "record the run")
+    # A full disk or a file-size limit during a save: one line, no temporary folders left (utils/disk.py).
+    save_checkpoint = guard_saves(checkpointer, [checkpointer.root, output_dir])
+    if distributed.is_main():
+        trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+        warn_if_low_disk(checkpointer.root, checkpoint_bytes=3 * trainable,  # weights + two AdamW moments
+                         copies=t.keep_last_n_checkpoints + 1, export_bytes=total * export_dtype.itemsize
+                         if t.save_model else 0)
     state, restore_rng = checkpointer.load(resume) if resume else (None, None)
     if resume:
         checkpointer.finish_interrupted_export(resume)  # a run killed while exporting its model
@@ -234,11 +260,12 @@ def main(**kwargs) -> dict:
 
     ctx = TrainContext(run=run, device=device, autocast=autocast_for(precision, device, t.enable_fsdp and
                                                                      dist_info.distributed),
-                       scaler=scaler, metrics=metrics, set_gradient_sync=sync_fn, save_checkpoint=checkpointer,
+                       scaler=scaler, metrics=metrics, set_gradient_sync=sync_fn, save_checkpoint=save_checkpoint,
                        observers=observers, model_flops=model_flops, peak_tflops=peak_tflops,
-                       restore_rng=restore_rng)
+                       restore_rng=restore_rng, stop_request=StopRequest())
     try:
-        summary = train(model, train_loader, eval_loader, optimizer, lr_scheduler, ctx, state=state)
+        with ctx.stop_request:  # SIGTERM / SIGINT from here on: finish the step, checkpoint, exit 75
+            summary = train(model, train_loader, eval_loader, optimizer, lr_scheduler, ctx, state=state)
         summary.update({"flop_counter": obs.result for obs in observers if getattr(obs, "result", None)})
     finally:
         for obs in observers:
@@ -254,18 +281,58 @@ def main(**kwargs) -> dict:
     return summary
 
 
-def _run_without_result(**kwargs) -> None:
+RANK0_FIRST_S = 2.0  # how long other ranks wait before exiting on a config error (rank 0 prints it)
+
+
+def _run_without_result(*positional, **kwargs) -> None:
+    if positional:  # fire would train first and only then complain about the leftover argument
+        raise ConfigError(f"unexpected argument {positional[0]!r}: options are given as --name value (is a --flag "
+                          "missing before it?); see --help")
     main(**kwargs)  # fire would print a returned dict
 
 
+def _flag_names(argv) -> list:
+    return [token[2:].split("=", 1)[0].replace("-", "_") for token in argv if token.startswith("--")]
+
+
+def _wants_debug(argv) -> bool:
+    """--debug, --debug True, --debug=1 (read before parsing, so that parse errors show a traceback too)."""
+    for i, token in enumerate(argv):
+        name, eq, value = token[2:].partition("=")
+        if token.startswith("--") and name.replace("-", "_") in ("debug", "train_config.debug"):
+            if not eq:
+                value = argv[i + 1] if i + 1 < len(argv) and not argv[i + 1].startswith("--") else "true"
+            return value.strip().lower() in ("true", "1", "yes", "y", "on")
+    return False
+
+
+def _say(line: str) -> None:
+    """The run's last line, on stderr and on a line of its own even when a progress bar is open."""
+    from tqdm import tqdm
+
+    tqdm.write(line, file=sys.stderr)
+    sys.stderr.flush()
+
+
+def _print_help() -> None:
+    try:
+        print(format_help(), flush=True)
+    except BrokenPipeError:  # `--help | head`: the reader left; send the rest (and the exit flush) nowhere
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
 def cli(argv=None) -> int:
-    """Console entry: ``--help`` prints every config field; a ConfigError prints one line and exits 2."""
+    """Console entry: ``--help`` prints every config field. A ConfigError prints one line (rank 0) and exits
+    2; any other error prints one line per rank and exits 1. ``--debug`` prints the traceback instead."""
     argv = sys.argv[1:] if argv is None else argv
     if any(a in ("-h", "--help", "-help") for a in argv):
-        print(format_help())
+        _print_help()
         return 0
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    names = _flag_names(argv)
+    for name in sorted({n for n in names if names.count(n) > 1}):
+        warn(f"--{name} is given {names.count(name)} times; the last value is used")
     import fire
 
     from shardtune.model_checkpointing.export import SaveError
@@ -273,12 +340,34 @@ def cli(argv=None) -> int:
 
     try:
         fire.Fire(_run_without_result, command=argv, name="finetuning.py")
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except (TrainingDiverged, SaveError) as exc:  # nothing wrong was saved; say so once and fail
+    except Preempted as stop:  # every rank agreed to stop after the same step and the checkpoint is written
         if distributed.is_main():
-            print(f"error: {exc}", file=sys.stderr)
+            _say(str(stop))
+        distributed.cleanup()
+        return PREEMPTED_EXIT_CODE
+    except ConfigError as exc:
+        if _wants_debug(argv):
+            traceback.print_exc()
+        elif distributed.is_main():  # every rank meets the same bad input: say it once
+            _say(f"error: {exc}")
+        else:  # torchrun stops the other ranks as soon as one exits: let rank 0 print first
+            time.sleep(RANK0_FIRST_S)
+        return 2
+    except TrainingDiverged as exc:  # every rank saw the same global loss: say it once; nothing was saved
+        if distributed.is_main():
+            _say(f"error: {exc}")
         distributed.abort()
+        return 1
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as exc:  # noqa: BLE001 - one line per rank (DCP raises BaseExceptions); traceback on request
+        if _wants_debug(argv):
+            traceback.print_exc()
+        else:
+            where = f"[rank {distributed.info().rank}] " if distributed.info().world_size > 1 else ""
+            first = (str(exc).strip().splitlines() or [""])[0]
+            what = distributed.describe_timeout(exc) or (
+                first if isinstance(exc, SaveError) else f"{type(exc).__name__}: {first} (--debug shows the traceback)")
+            _say(f"error: {where}{what}")
         return 1
     return 0

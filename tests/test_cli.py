@@ -56,7 +56,8 @@ def test_plain_key_goes_to_first_config_that_has_it():
     ({"use_peft": "maybe"}, "--use_peft: expected a bool"),
     ({"flop_counter": True, "use_profiler": True}, "--flop_counter and --use_profiler cannot be combined"),
     ({"flop_counter": True, "max_train_step": 2, "flop_counter_start": 3}, "must be greater than --flop_counter_start"),
-    ({"fsdp_config.hsdp": True, "fsdp_config.sharding_strategy": "HYBRID_SHARD"}, "--sharding_group_size"),
+    ({"enable_fsdp": True, "fsdp_config.hsdp": True, "fsdp_config.sharding_strategy": "HYBRID_SHARD"},
+     "--sharding_group_size"),
     ({"dataset": "imagenet"}, "--dataset: unknown data set 'imagenet'"),
     ({"peft_method": "ia3"}, "--peft_method: unknown method 'ia3'"),
     ({"nosuch_config.x": 1}, "'nosuch_config' is not a config"),
@@ -123,7 +124,8 @@ def test_config_file_and_command_line_override(tmp_path):
 def test_resolved_config_round_trips(tmp_path):
     from shardtune.utils.config_utils import save_resolved
 
-    run = parse_cli({"model_name": "m", "lr": 5e-5, "fsdp_config.sharding_strategy": "SHARD_GRAD_OP",
+    run = parse_cli({"model_name": "m", "lr": 5e-5, "enable_fsdp": True,
+                     "fsdp_config.sharding_strategy": "SHARD_GRAD_OP",
                      "use_peft": True, "lora_config.r": 2})
     save_resolved(run, tmp_path / "run_config.yaml")
     again = parse_cli({"config": str(tmp_path / "run_config.yaml")})

@@ -27,7 +27,7 @@ STRATEGIES = {
 
 
 def _cfg(**flags):
-    return parse_cli({"model_name": "unused", **flags})
+    return parse_cli({"model_name": "unused", "enable_fsdp": True, **flags})
 
 
 def test_mesh_plans_for_every_strategy():

@@ -7,13 +7,17 @@ from dataclasses import field as _dc_field
 from typing import Any
 
 
-def doc(default: Any, help: str, *, factory: bool = False, deprecated: str = ""):
+def doc(default: Any, help: str, *, factory: bool = False, deprecated: str = "", valid: str = ""):
     """A dataclass field with a default and a help text.
 
     factory=True makes a fresh copy of a mutable default (lists) for every instance.
     deprecated="..." marks a field kept only so that reference commands still parse.
+    valid="[0, 1)" is the interval a number must lie in ('inf' for no upper bound); config_utils.validate
+    checks it and --help prints it.
     """
     metadata = {"help": help}
+    if valid:
+        metadata["valid"] = valid
     if deprecated:
         metadata["deprecated"] = deprecated
     if factory:

@@ -32,9 +32,9 @@ class fsdp_config:
                                               "FULL_SHARD | SHARD_GRAD_OP | NO_SHARD | HYBRID_SHARD.")
     hsdp: bool = doc(False, "Build an explicit 2-D (replicate x shard) device mesh for HYBRID_SHARD from "
                             "sharding_group_size and replica_group_size.")
-    sharding_group_size: int = doc(0, "HSDP: ranks that shard one model replica.")
+    sharding_group_size: int = doc(0, "HSDP: ranks that shard one model replica.", valid="[0, inf)")
     replica_group_size: int = doc(0, "HSDP: number of replicas; sharding_group_size x replica_group_size must equal "
-                                     "the world size.")
+                                     "the world size.", valid="[0, inf)")
     checkpoint_type: StateDictType = doc(StateDictType.SHARDED_STATE_DICT,
                                          "SHARDED_STATE_DICT (torch.distributed.checkpoint, resumable) or "
                                          "FULL_STATE_DICT (a Hugging Face folder gathered on rank 0).")
@@ -42,7 +42,7 @@ class fsdp_config:
                                                     "(non-reentrant), applied once.")
     ac_every_n_layers: int = doc(1, "With fsdp_activation_checkpointing: checkpoint every n-th decoder layer only "
                                     "(1: all, as the reference; 2: every second layer, about half the recompute "
-                                    "for about half the activation memory of the others).")
+                                    "for about half the activation memory of the others).", valid="[1, inf)")
     fsdp_cpu_offload: bool = doc(False, "Keep sharded parameters, gradients and optimizer state in host memory "
                                         "(GPU runs only).")
     pure_bf16: bool = doc(False, "bf16 parameters, gradients and optimizer state (no fp32 master weights).")

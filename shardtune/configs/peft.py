@@ -7,26 +7,26 @@ from shardtune.configs._field import doc
 
 @dataclass
 class lora_config:
-    r: int = doc(8, "LoRA rank.")
-    lora_alpha: int = doc(32, "LoRA scaling numerator (scale = lora_alpha / r).")
+    r: int = doc(8, "LoRA rank.", valid="[1, inf)")
+    lora_alpha: int = doc(32, "LoRA scaling numerator (scale = lora_alpha / r).", valid="(0, inf)")
     target_modules: List[str] = doc(["q_proj", "v_proj"], "Module names that get adapters, e.g. "
                                     "q_proj,k_proj,v_proj,o_proj, or 'all-linear'.", factory=True)
     bias: str = doc("none", "'none' | 'all' | 'lora_only': which biases train. (In the reference this was not a "
                             "dataclass field, so overriding it had no effect.)")
     task_type: str = doc("CAUSAL_LM", "PEFT task type.")
-    lora_dropout: float = doc(0.05, "Dropout on the LoRA input.")
+    lora_dropout: float = doc(0.05, "Dropout on the LoRA input.", valid="[0, 1)")
     inference_mode: bool = doc(False, "Build the adapter frozen (for inference only).")
 
 
 @dataclass
 class llama_adapter_config:
-    adapter_len: int = doc(10, "Learned prompt tokens per adapted layer.")
+    adapter_len: int = doc(10, "Learned prompt tokens per adapted layer.", valid="[1, inf)")
     adapter_layers: int = doc(30, "Number of top decoder layers that get adapters (capped at the model's depth, "
-                                  "with a warning).")
+                                  "with a warning).", valid="[1, inf)")
     task_type: str = doc("CAUSAL_LM", "PEFT task type.")
 
 
 @dataclass
 class prefix_config:
-    num_virtual_tokens: int = doc(30, "Virtual prefix tokens per layer.")
+    num_virtual_tokens: int = doc(30, "Virtual prefix tokens per layer.", valid="[1, inf)")
     task_type: str = doc("CAUSAL_LM", "PEFT task type.")

@@ -35,7 +35,8 @@ class train_config:
     low_cpu_fsdp: bool = doc(False, "With FSDP: only rank 0 reads the weights; the other ranks build the model on "
                                     "the meta device and receive the weights by broadcast.")
     freeze_layers: bool = doc(False, "Freeze the first num_freeze_layers decoder layers (full fine-tuning).")
-    num_freeze_layers: int = doc(1, "How many decoder layers freeze_layers freezes, counted from the input.")
+    num_freeze_layers: int = doc(1, "How many decoder layers freeze_layers freezes, counted from the input.",
+                                 valid="[0, inf)")
     freeze_LLM_only: bool = doc(False, "Vision models only (mllama): freeze the language model except its "
                                        "cross-attention layers.")
     # ---- data --------------------------------------------------------------------------------
@@ -45,25 +46,27 @@ class train_config:
     batching_strategy: str = doc("packing", "'packing' (documents concatenated into context_length blocks, "
                                             "attention masked per document) or 'padding' (length-grouped, padded "
                                             "batches).")
-    context_length: int = doc(4096, "Packing block length; with padding, samples are truncated to it.")
-    batch_size_training: int = doc(4, "Micro-batch size per process.")
-    val_batch_size: int = doc(1, "Evaluation batch size per process.")
-    num_workers_dataloader: int = doc(1, "DataLoader worker processes (0 loads in the main process).")
+    context_length: int = doc(4096, "Packing block length; with padding, samples are truncated to it.",
+                              valid="[1, inf)")
+    batch_size_training: int = doc(4, "Micro-batch size per process.", valid="[1, inf)")
+    val_batch_size: int = doc(1, "Evaluation batch size per process.", valid="[1, inf)")
+    num_workers_dataloader: int = doc(1, "DataLoader worker processes (0 loads in the main process).", valid="[0, inf)")
     # ---- optimisation ------------------------------------------------------------------------
-    num_epochs: int = doc(3, "Passes over the training data.")
+    num_epochs: int = doc(3, "Passes over the training data.", valid="[1, inf)")
     max_train_step: int = doc(0, "Stop after this many optimizer steps in total (0: no limit). The reference "
-                                 "counted micro-batches and dropped a half-accumulated step.")
-    max_eval_step: int = doc(0, "Evaluate on at most this many batches per evaluation (0: all).")
+                                 "counted micro-batches and dropped a half-accumulated step.", valid="[0, inf)")
+    max_eval_step: int = doc(0, "Evaluate on at most this many batches per evaluation (0: all).", valid="[0, inf)")
     gradient_accumulation_steps: int = doc(1, "Micro-batches per optimizer step. The loss is token-weighted over "
-                                              "the whole step, so bs=2 x 4 equals bs=8 x 1.")
+                                              "the whole step, so bs=2 x 4 equals bs=8 x 1.", valid="[1, inf)")
     gradient_clipping: bool = doc(False, "Clip the global gradient norm.")
     gradient_clipping_threshold: float = doc(1.0, "Max global gradient norm when gradient_clipping is on.")
     max_nonfinite_steps: int = doc(0, "Optimizer steps whose loss or gradient norm is not finite that may be skipped "
-                                      "(each is logged) before the run stops as diverged; 0: stop at the first.")
-    lr: float = doc(1e-4, "AdamW learning rate.")
-    weight_decay: float = doc(0.0, "AdamW decoupled weight decay.")
-    gamma: float = doc(0.85, "StepLR: the learning rate is multiplied by gamma after every epoch.")
-    seed: int = doc(42, "Seed for model init, data order and dropout.")
+                                      "(each is logged) before the run stops as diverged; 0: stop at the first.",
+                                   valid="[0, inf)")
+    lr: float = doc(1e-4, "AdamW learning rate.", valid="(0, inf)")
+    weight_decay: float = doc(0.0, "AdamW decoupled weight decay.", valid="[0, inf)")
+    gamma: float = doc(0.85, "StepLR: the learning rate is multiplied by gamma after every epoch.", valid="(0, 1]")
+    seed: int = doc(42, "Seed for model init, data order and dropout.", valid="[0, 4294967296)")
     # ---- precision ---------------------------------------------------------------------------
     precision: str = doc("auto", "Numerics: auto | fp32 | bf16_mixed | fp16_mixed | bf16_pure. 'auto' picks "
                                  "bf16_mixed (fp32 master weights, bf16 compute) on GPUs with bf16 and fp32 on CPU; "
@@ -89,8 +92,10 @@ class train_config:
                                                "(the reference's default was a placeholder path).")
     dist_checkpoint_folder: str = doc("fine-tuned", "Sub-folder name of FSDP checkpoints. The model name is never "
                                                     "pasted into it.")
-    save_every_n_steps: int = doc(0, "Also save a resumable checkpoint every N optimizer steps (0: per epoch only).")
-    keep_last_n_checkpoints: int = doc(2, "Keep the newest N step checkpoints (the best-eval one is always kept).")
+    save_every_n_steps: int = doc(0, "Also save a resumable checkpoint every N optimizer steps (0: per epoch only).",
+                                  valid="[0, inf)")
+    keep_last_n_checkpoints: int = doc(2, "Keep exactly the newest N checkpoints of this run (plus the best-eval one).",
+                                       valid="[1, inf)")
     resume_from: str = doc("", "Checkpoint folder to resume from, or 'auto' for the newest intact checkpoint of the "
                                "run that owns output_dir (damaged ones are skipped with a warning).")
     overwrite_output_dir: bool = doc(False, "Start afresh in an output_dir that holds an earlier run's model or "
@@ -98,11 +103,11 @@ class train_config:
     save_metrics: bool = doc(False, "Append per-step and per-epoch metrics to <output_dir>/metrics_<time>.jsonl "
                                     "(rank 0; plot with python -m shardtune.utils.plot_metrics FILE).")
     # ---- observability -----------------------------------------------------------------------
-    log_every_n_steps: int = doc(1, "Print one metrics line every N optimizer steps (rank 0).")
+    log_every_n_steps: int = doc(1, "Print one metrics line every N optimizer steps (rank 0).", valid="[1, inf)")
     peak_tflops: float = doc(0.0, "Accelerator dense bf16 peak in TFLOP/s for MFU (0: look it up from the device "
-                                  "name).")
+                                  "name).", valid="[0, inf)")
     flop_counter: bool = doc(False, "Count the FLOPs of one training step with torch.utils.flop_counter.")
-    flop_counter_start: int = doc(3, "Warm-up steps before the FLOP-counted step.")
+    flop_counter_start: int = doc(3, "Warm-up steps before the FLOP-counted step.", valid="[0, inf)")
     use_profiler: bool = doc(False, "Profile with torch.profiler and write TensorBoard traces.")
     profiler_dir: str = doc("", "Where profiler traces go; default '<output_dir>/profiler' (the reference's default "
                                 "was a placeholder path).")
@@ -112,5 +117,10 @@ class train_config:
     use_wandb: bool = doc(False, "Log to Weights & Biases (optional extra: pip install 'shardtune[tracking]').")
     use_tensorboard: bool = doc(False, "Write TensorBoard event files under <output_dir>/tensorboard (optional "
                                        "extra: pip install 'shardtune[tracking]').")
+    dist_timeout_s: Optional[float] = doc(None, "Seconds a collective waits for the other ranks before the job "
+                                                "fails, naming the rank that stopped answering (default 300, or "
+                                                "$SHARDTUNE_PG_TIMEOUT_S).", valid="(0, inf)")
+    debug: bool = doc(False, "On an error, print the full Python traceback (default: one line naming the flag or "
+                             "file and what would be valid).")
     one_gpu: bool = doc(False, "Ignored.", deprecated="dead field in the reference; a single process without "
                                                       "--enable_fsdp already uses one GPU")

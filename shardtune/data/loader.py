@@ -16,6 +16,7 @@ from shardtune.data.collate import PaddingCollator, packed_collator
 from shardtune.data.packing import pack_dataset
 from shardtune.data.sampler import LengthBasedBatchSampler, RandomBatchSampler
 from shardtune.utils.logging import log, warn
+from shardtune.utils.preemption import ignore_stop_signals
 from shardtune.utils.loss import IGNORE_INDEX
 
 
@@ -89,4 +90,18 @@ def build_dataloader(samples, tokenizer, train_cfg, *, train: bool, rank: int = 
         dataset, collate = WithFillers(dataset), FillerCollator(collate)
     workers = train_cfg.num_workers_dataloader
     return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=workers,
-                      pin_memory=torch.cuda.is_available(), prefetch_factor=2 if workers > 0 else None)
+                      pin_memory=torch.cuda.is_available(), prefetch_factor=2 if workers > 0 else None,
+                      worker_init_fn=ignore_stop_signals if workers > 0 else None)
+
+
+def check_batch_fits(loader: DataLoader, batch_size: int, world_size: int) -> None:
+    """One optimizer step needs batch_size samples (or packed blocks) on every rank: a larger batch than the
+    data set would only repeat fillers and waste memory."""
+    from shardtune.utils.config_utils import ConfigError
+
+    units = loader.batch_sampler.num_samples
+    what = "packed blocks" if isinstance(loader.batch_sampler, RandomBatchSampler) else "samples"
+    if batch_size * world_size > units:
+        raise ConfigError(f"--batch_size_training {batch_size}: the training set has only {units} {what}"
+                          + (f" for {world_size} ranks" if world_size > 1 else "")
+                          + f"; use --batch_size_training {max(1, units // world_size)} or less")

@@ -17,6 +17,7 @@ from shardtune.datasets import alpaca_dataset, chat_dataset, custom_dataset, gra
 from shardtune.datasets.cache import cached_tokenized
 from shardtune.utils import distributed
 from shardtune.datasets.common import target_start, tokenize_prompt_and_target
+from shardtune.utils.config_utils import ConfigError
 from shardtune.utils.logging import log, warn
 
 
@@ -96,6 +97,9 @@ def drop_unsupervised(samples, context_length: int, what: str):
             "and are truncated")
     if keep.all():
         return samples
+    if not keep.any():
+        raise ConfigError(f"--context_length {context_length}: too small for any sample of {what} (the shortest "
+                          f"prompt takes {int(starts.min())} tokens); raise --context_length")
     warn(f"{what}: dropped {int((~keep).sum())} of {len(keep)} samples that have no supervised token within "
          f"context_length={context_length} (the prompt fills it); raise --context_length to keep them")
     kept = np.flatnonzero(keep).tolist()

@@ -92,6 +92,8 @@ def cached_tokenized(name: str, split: str, dataset_config, tokenizer, load_exam
 
     def build() -> str:
         examples = load_examples(dataset_config, split)
+        if not examples:  # e.g. a file too small to split off a validation set, or only empty records
+            raise ConfigError(f"{name}: the {split!r} split holds no usable example; check the data file")
         key = cache_key(name, split, dataset_config, tokenizer, examples)
         slug = re.sub(r"[^\w.-]+", "_", Path(split).name)
         path = Path(cache_dir) / f"{name}-{slug}-{key[:16]}.arrow"
@@ -109,4 +111,6 @@ def cached_tokenized(name: str, split: str, dataset_config, tokenizer, load_exam
         print(f"warning: [rank {dist.get_rank() if dist.is_initialized() else 0}] {path} is not visible on this node "
               "(output_dir not shared?): tokenising here", file=sys.stderr, flush=True)
         path = build()
-    return Dataset.from_file(path)
+    dataset = Dataset.from_file(path)
+    distributed.barrier()  # every rank holds the file before any may go on (and on an error remove it)
+    return dataset

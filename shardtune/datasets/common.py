@@ -33,9 +33,20 @@ def require_file(path: str, flag: str, how_to_get: str) -> Path:
     return p
 
 
+def read_text(path: Path, flag: str) -> str:
+    """A data file's text; anything but UTF-8 (a UTF-8 byte-order mark is fine) is one error line."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        guess = " (it looks like UTF-16)" if data[:2] in (b"\xff\xfe", b"\xfe\xff") else ""
+        raise ConfigError(f"{flag}: {path} is not UTF-8 text{guess}: byte 0x{data[exc.start]:02x} at offset "
+                          f"{exc.start}; re-save the file as UTF-8") from None
+
+
 def read_json_records(path: Path, flag: str, what: str) -> List[dict]:
     """A JSON list of objects, or JSON Lines (one object per line)."""
-    text = path.read_text(encoding="utf-8-sig")
+    text = read_text(path, flag)
     try:
         if path.suffix == ".jsonl" or not text.lstrip().startswith("["):
             records = [json.loads(line) for line in text.splitlines() if line.strip()]
@@ -45,6 +56,8 @@ def read_json_records(path: Path, flag: str, what: str) -> List[dict]:
         raise ConfigError(f"{flag}: {path} is not valid JSON / JSON Lines ({exc}); expected {what}") from None
     if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
         raise ConfigError(f"{flag}: {path} must hold {what}")
+    if not records:
+        raise ConfigError(f"{flag}: {path} holds no records; expected {what}")
     return records
 
 

@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import inspect
 import re
 import sys
+import traceback
 from collections.abc import Mapping
 from pathlib import Path
 from types import ModuleType
@@ -54,11 +56,43 @@ def load_module(spec: str) -> ModuleType:
         sys.modules[name] = module  # lets pickling (DataLoader workers) find its functions
         try:
             module_spec.loader.exec_module(module)
+        except Exception as exc:  # noqa: BLE001 - the user's syntax or import error, as one line
+            del sys.modules[name]
+            raise user_code_error(key, exc) from exc
         except BaseException:
             del sys.modules[name]
             raise
         _MODULES[key] = module
     return _MODULES[key]
+
+
+def user_code_error(path: Path, exc: BaseException) -> ConfigError:
+    """One line naming the user's file, the line in it where ``exc`` was raised, and the error."""
+    line = exc.lineno if isinstance(exc, SyntaxError) and exc.filename == str(path) else None
+    for frame, lineno in traceback.walk_tb(exc.__traceback__):
+        if frame.f_code.co_filename == str(path):
+            line = lineno  # the innermost frame in the user's file
+    where = f"{path}, line {line}" if line else str(path)
+    text = exc.msg if isinstance(exc, SyntaxError) else str(exc)
+    first = (text.strip().splitlines() or [""])[0]
+    return ConfigError(f"{FLAG}: {where}: {type(exc).__name__}: {first}")
+
+
+def _call_user_function(fn, path: Path, args: tuple):
+    """``fn(*args)``, with a wrong signature or an exception inside it reported as one line."""
+    try:
+        inspect.signature(fn).bind(*args)
+    except TypeError as exc:
+        raise ConfigError(f"{FLAG}: {path}: {fn.__name__}{inspect.signature(fn)} cannot be called with "
+                          f"{len(args)} arguments ({exc})") from None
+    except ValueError:  # no signature available (a builtin): just call it
+        pass
+    try:
+        return fn(*args)
+    except ConfigError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        raise user_code_error(path, exc) from exc
 
 
 def _function(module: ModuleType, name: str, flag: str, what: str):
@@ -79,8 +113,9 @@ def get_custom_dataset(dataset_config, tokenizer, split: str):
     """Call the user's data set function and check that it returned something the loaders can use."""
     _, func_name = parse_spec(dataset_config.file)
     func_name = func_name or DEFAULT_FUNCTION
-    fn = _function(load_module(dataset_config.file), func_name, FLAG, "(dataset_config, tokenizer, split)")
-    data = fn(dataset_config, tokenizer, split)
+    module = load_module(dataset_config.file)
+    fn = _function(module, func_name, FLAG, "(dataset_config, tokenizer, split)")
+    data = _call_user_function(fn, Path(module.__file__), (dataset_config, tokenizer, split))
     where = f"{FLAG}: {func_name}(..., split={split!r})"
     if isinstance(data, (Mapping, str, bytes)) or not (hasattr(data, "__len__") and hasattr(data, "__getitem__")):
         hint = " (a DatasetDict: return one split, e.g. ds[split])" if isinstance(data, Mapping) else ""
@@ -103,7 +138,8 @@ def get_data_collator(dataset_config, tokenizer):
     name = dataset_config.collator or DEFAULT_COLLATOR
     if not dataset_config.collator and not callable(getattr(module, name, None)):
         return None  # no hook: the built-in padding / packing collators are used
-    collator = _function(module, name, "--custom_dataset.collator", "(tokenizer)")(tokenizer)
+    fn = _function(module, name, "--custom_dataset.collator", "(tokenizer)")
+    collator = _call_user_function(fn, Path(module.__file__), (tokenizer,))
     if not callable(collator):
         raise ConfigError(f"--custom_dataset.collator: {name}(tokenizer) returned {type(collator).__name__}; "
                           "return a callable that turns a list of samples into a batch dict")

@@ -7,9 +7,10 @@ which writes them with a UTF-8 byte-order mark, hence ``utf-8-sig``.
 from __future__ import annotations
 
 import csv
+import io
 from typing import List
 
-from shardtune.datasets.common import drop_empty, require_file
+from shardtune.datasets.common import drop_empty, read_text, require_file
 from shardtune.utils.config_utils import ConfigError
 
 PROMPT = "Correct this to standard English: {input}\n---\nCorrected: "
@@ -22,10 +23,9 @@ def load_examples(dataset_config, split: str) -> List[dict]:
     flag = f"--grammar_dataset.{field}"
     name = "gtrain_10k.csv" if field == "train_split" else "grammar_validation.csv"
     path = require_file(split, flag, SOURCE.format(name=name))
-    with path.open(encoding="utf-8-sig", newline="") as fh:
-        reader = csv.DictReader(fh)
-        if not {"input", "target"} <= set(reader.fieldnames or ()):
-            raise ConfigError(f"{flag}: {path} needs 'input' and 'target' columns, found {reader.fieldnames}")
-        rows = list(reader)
+    reader = csv.DictReader(io.StringIO(read_text(path, flag), newline=""))
+    if not {"input", "target"} <= set(reader.fieldnames or ()):
+        raise ConfigError(f"{flag}: {path} needs 'input' and 'target' columns, found {reader.fieldnames}")
+    rows = list(reader)
     rows = drop_empty(rows, ("input", "target"), f"grammar_dataset {path.name}")
     return [{"prompt": PROMPT.format(input=r["input"]), "target": r["target"]} for r in rows]

@@ -21,7 +21,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 from shardtune.utils.config_utils import ConfigError, RunConfigs
 from shardtune.utils.io import TMP_MARKER, atomic_write_text
@@ -30,7 +30,7 @@ from shardtune.utils.logging import log, warn
 RUN_FILE = "run.json"
 MODEL_DIR = "model"
 
-_held_locks: List[int] = []  # open descriptors: the lock lives as long as they do
+_held_locks: Dict[Path, int] = {}  # folder -> open descriptor: the lock lives as long as it does
 
 
 @dataclass(frozen=True)
@@ -58,12 +58,12 @@ def lock_output_dir(output_dir: Path) -> None:
         os.close(fd)
         raise ConfigError(f"--output_dir {output_dir} is in use by another running shardtune run; wait for it to "
                           f"finish or choose another --output_dir") from None
-    _held_locks.append(fd)
+    _held_locks[Path(output_dir).resolve()] = fd
 
 
 def release_locks() -> None:
     while _held_locks:
-        os.close(_held_locks.pop())
+        os.close(_held_locks.popitem()[1])
 
 
 def previous_results(run: RunConfigs) -> List[Path]:
@@ -76,16 +76,13 @@ def previous_results(run: RunConfigs) -> List[Path]:
 
 
 def claim_output_dir(run: RunConfigs) -> RunDir:
-    """Rank 0: lock the output folder and decide whether this run may use it. Writes nothing but the
-    folder itself (the run file is written by :func:`start_run` once the run is about to train)."""
+    """Rank 0: lock the output folder and decide whether this run may use it, before any expensive work.
+    Writes nothing; a folder that does not exist yet is created and locked by :func:`lock_new_output_dir`
+    once every input is checked (so that a rejected run leaves no folder behind)."""
     t = run.train
     out = Path(t.output_dir)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except (FileExistsError, NotADirectoryError):
-        raise ConfigError(f"--output_dir {out}: not a folder (a file is in the way)") from None
-    except OSError as exc:
-        raise ConfigError(f"--output_dir {out}: cannot create it ({exc.strerror})") from None
+    if not out.is_dir():
+        return RunDir(out, uuid.uuid4().hex[:12], None)
     lock_output_dir(out)
     previous_id = read_run_id(out)
     found = previous_results(run)
@@ -96,6 +93,13 @@ def claim_output_dir(run: RunConfigs) -> RunDir:
     remove_leftovers(run)
     run_id = previous_id if (t.resume_from and previous_id) else uuid.uuid4().hex[:12]
     return RunDir(out, run_id, previous_id)
+
+
+def lock_new_output_dir(run_dir: RunDir) -> None:
+    """Rank 0: create the output folder if this run is the first to use it, and hold its lock."""
+    run_dir.path.mkdir(parents=True, exist_ok=True)
+    if run_dir.path.resolve() not in _held_locks:
+        lock_output_dir(run_dir.path)
 
 
 def start_run(run: RunConfigs, run_dir: RunDir, run_id: str) -> None:

@@ -22,6 +22,9 @@ from __future__ import annotations
 import difflib
 import enum
 import json
+import math
+import os
+import tempfile
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -292,6 +295,57 @@ PRECISIONS = ("auto", "fp32", "bf16_mixed", "fp16_mixed", "bf16_pure")
 ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "flex_attention", "eager", "flash_attention_2")
 
 
+def _flag(config_name: str, field_name: str) -> str:
+    """How an error names a field: plain for train_config (its fields win plain keys), qualified otherwise."""
+    return f"--{field_name}" if config_name == "train_config" else f"--{config_name}.{field_name}"
+
+
+def in_interval(value: float, interval: str) -> bool:
+    """Whether ``value`` lies in ``interval``, written as in maths: '[0, 1)', '(0, inf)'."""
+    text = interval.strip()
+    low, high = (float(x) for x in text[1:-1].split(","))
+    above = value >= low if text[0] == "[" else value > low
+    below = value <= high if text[-1] == "]" else value < high
+    return above and below
+
+
+def check_ranges(run: RunConfigs) -> None:
+    """Every number must be finite and inside its field's ``valid`` interval (declared next to the field)."""
+    for name, cfg in run.by_name().items():
+        for f in fields(cfg):
+            value = getattr(cfg, f.name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                continue
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{_flag(name, f.name)}: must be a finite number, got {value}")
+            interval = f.metadata.get("valid")
+            if interval and not in_interval(value, interval):
+                raise ConfigError(f"{_flag(name, f.name)}: must be in {interval}, got {value}")
+
+
+def check_output_dir(path_text: str) -> None:
+    """The output folder must be creatable: checked without creating anything."""
+    if not path_text.strip():
+        raise ConfigError("--output_dir: empty; give a folder for the model, checkpoints and metrics")
+    path = Path(path_text).expanduser()
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"--output_dir: {path_text} is a file, not a folder; give a folder path")
+    existing = path
+    while not existing.exists():  # the nearest existing ancestor must be a writable folder
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"--output_dir: cannot create {path_text}: {existing} is a file")
+    try:  # a probe folder, removed at once: permissions alone miss read-only mounts and root's rights
+        os.rmdir(tempfile.mkdtemp(prefix=".probe-", dir=existing))
+    except OSError as exc:
+        raise ConfigError(f"--output_dir: cannot create {path_text}: {existing} is not writable "
+                          f"({exc.strerror}); give a writable folder") from None
+
+
+# Options that only act on a sharded run, with their defaults: set without --enable_fsdp they would be ignored.
+FSDP_ONLY = ("fsdp_cpu_offload", "hsdp", "sharding_group_size", "replica_group_size", "sharding_strategy")
+
+
 def validate(run: RunConfigs) -> None:
     t, f = run.train, run.fsdp
 
@@ -299,6 +353,7 @@ def validate(run: RunConfigs) -> None:
         if not cond:
             raise ConfigError(msg)
 
+    check_ranges(run)
     need(t.dataset in run.dataset_configs,
          f"--dataset: unknown data set {t.dataset!r}; valid: {', '.join(run.dataset_configs)}")
     need(t.peft_method in run.peft_configs,
@@ -310,18 +365,9 @@ def validate(run: RunConfigs) -> None:
          f"{' | '.join(ATTN_IMPLEMENTATIONS)}, got {t.attn_implementation!r}")
     need(str(t.torch_compile).lower() in ("auto",) + tuple(_TRUE | _FALSE),
          f"--torch_compile: expected auto, True or False, got {t.torch_compile!r}")
-    for name in ("batch_size_training", "val_batch_size", "gradient_accumulation_steps", "context_length"):
-        need(getattr(t, name) >= 1, f"--{name}: must be >= 1, got {getattr(t, name)}")
-    for name in ("num_epochs", "max_train_step", "max_eval_step", "num_workers_dataloader", "save_every_n_steps",
-                 "flop_counter_start", "num_freeze_layers", "max_nonfinite_steps"):
-        need(getattr(t, name) >= 0, f"--{name}: must be >= 0, got {getattr(t, name)}")
-    need(f.ac_every_n_layers >= 1, f"--fsdp_config.ac_every_n_layers: must be >= 1, got {f.ac_every_n_layers}")
-    need(t.log_every_n_steps >= 1, f"--log_every_n_steps: must be >= 1, got {t.log_every_n_steps}")
-    need(t.keep_last_n_checkpoints >= 1, f"--keep_last_n_checkpoints: must be >= 1, got {t.keep_last_n_checkpoints}")
-    need(t.lr > 0, f"--lr: must be > 0, got {t.lr}")
-    need(t.weight_decay >= 0, f"--weight_decay: must be >= 0, got {t.weight_decay}")
-    need(0 < t.gamma <= 1, f"--gamma: must be in (0, 1], got {t.gamma}")
-    need(t.peak_tflops >= 0, f"--peak_tflops: must be >= 0, got {t.peak_tflops}")
+    need(not t.gradient_clipping or t.gradient_clipping_threshold > 0,
+         f"--gradient_clipping_threshold: must be > 0 with --gradient_clipping, got {t.gradient_clipping_threshold}")
+    check_output_dir(t.output_dir)
     need(not (t.flop_counter and t.use_profiler),
          "--flop_counter and --use_profiler cannot be combined: the profiler's overhead would distort the count; "
          "run them separately")
@@ -331,12 +377,20 @@ def validate(run: RunConfigs) -> None:
     need(not t.from_peft_checkpoint or t.use_peft, "--from_peft_checkpoint needs --use_peft")
     need(not (t.overwrite_output_dir and t.resume_from),
          "--overwrite_output_dir deletes the earlier run's checkpoints, --resume_from continues from them: pick one")
+    need(not (t.freeze_layers and t.use_peft),
+         "--freeze_layers has no effect with --use_peft (PEFT already freezes the base model): drop one of them")
     need(t.quantization in (None, "4bit", "8bit"),
          f"--quantization: expected '4bit' or '8bit', got {t.quantization!r}")
     need(not (t.quantization == "8bit" and t.enable_fsdp),
          "--quantization 8bit cannot be combined with --enable_fsdp (bitsandbytes int8 weights cannot be sharded); "
          "use --quantization 4bit")
     need(not t.low_cpu_fsdp or t.enable_fsdp, "--low_cpu_fsdp needs --enable_fsdp")
+    if not t.enable_fsdp:
+        defaults = C.fsdp_config()
+        for name in FSDP_ONLY:
+            need(getattr(f, name) == getattr(defaults, name),
+                 f"--fsdp_config.{name} has no effect without --enable_fsdp: add --enable_fsdp (under torchrun) "
+                 "or drop it")
     need(f.optimizer.lower() in ("adamw", "anyprecision"),
          f"--fsdp_config.optimizer: expected 'AdamW' or 'anyprecision', got {f.optimizer!r}")
     need(not (f.pure_bf16 and (t.use_fp16 or f.use_fp16)),
@@ -351,7 +405,6 @@ def validate(run: RunConfigs) -> None:
     lora = run.peft_configs["lora"]
     need(lora.bias in ("none", "all", "lora_only"),
          f"--lora_config.bias: expected 'none', 'all' or 'lora_only', got {lora.bias!r}")
-    need(lora.r >= 1, f"--lora_config.r: must be >= 1, got {lora.r}")
     need(bool(lora.target_modules), "--lora_config.target_modules: give at least one module name")
     q = run.quantization
     need(q.quant_type in ("fp4", "nf4"), f"--quantization_config.quant_type: expected 'fp4' or 'nf4', got "
@@ -395,6 +448,8 @@ def format_help() -> str:
             default = _plain(getattr(cfg, f.name))
             lines.append(f"  --{f.name} ({_short_type(types[f.name])}, default {default!r})")
             text = f.metadata.get("help", "")
+            if f.metadata.get("valid"):
+                text += f" Valid: {f.metadata['valid']}."
             if f.metadata.get("deprecated"):
                 text += f" Deprecated: {f.metadata['deprecated']}."
             lines.append(f"      {text}")

@@ -8,7 +8,7 @@ from __future__ import annotations
 import datetime
 import os
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -31,6 +31,10 @@ class DistInfo:
 
 
 _INFO = DistInfo()
+_SET_UP = False  # before setup(), the launcher's RANK variable says which process owns the terminal
+_PATIENT_GROUP = None  # gloo group with a long timeout, for waits on rank 0 (see setup)
+_HEARTBEAT = None
+_TIMEOUT_S = 0.0  # the process group's timeout (setup)
 
 
 def launched_by_torchrun() -> bool:
@@ -41,35 +45,66 @@ def env_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def env_rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
 def pick_device(local_rank: int) -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", local_rank % torch.cuda.device_count())
     return torch.device("cpu")
 
 
-def setup(enable_fsdp: bool) -> DistInfo:
+DEFAULT_TIMEOUT_S = 300.0  # a hung rank ends the job after 5 minutes (torch's own default is 10-30)
+PATIENT_TIMEOUT = datetime.timedelta(hours=2)  # waits for rank 0's one-rank work: tokenising, exporting
+
+
+def timeout_s(requested: Optional[float] = None) -> float:
+    """--dist_timeout_s, else $SHARDTUNE_PG_TIMEOUT_S, else DEFAULT_TIMEOUT_S."""
+    return requested or float(os.environ.get("SHARDTUNE_PG_TIMEOUT_S", DEFAULT_TIMEOUT_S))
+
+
+def setup(enable_fsdp: bool, timeout: Optional[float] = None) -> DistInfo:
     """Initialise the process group when running under torchrun with --enable_fsdp.
 
-    The backend follows the device: NCCL on GPUs, gloo on CPU. The timeout is short by default
-    (SHARDTUNE_PG_TIMEOUT_S, 600 s) so that a rank that dies cannot hang the others for 30 minutes.
+    The backend follows the device: NCCL on GPUs, gloo on CPU. Collectives time out after ``timeout_s()``
+    (a few minutes) so that a hung rank ends the job instead of blocking it; a heartbeat (utils/heartbeat.py)
+    then names the rank that stopped answering. Waits for work that rank 0 does alone (``barrier``,
+    ``broadcast_object``) use a separate gloo group with a long timeout.
     """
-    global _INFO
+    global _INFO, _SET_UP, _PATIENT_GROUP, _HEARTBEAT, _TIMEOUT_S
+    _SET_UP = True
+    _TIMEOUT_S = timeout_s(timeout)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = pick_device(local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if enable_fsdp and launched_by_torchrun():
         if not dist.is_initialized():
-            timeout = datetime.timedelta(seconds=float(os.environ.get("SHARDTUNE_PG_TIMEOUT_S", "600")))
             # On GPUs, NCCL for CUDA tensors plus gloo for CPU ones: FSDP CPU offload keeps shards (and
             # their gradient-norm reductions) in host memory, and checkpoints gather into host memory.
             backend = "cuda:nccl,cpu:gloo" if device.type == "cuda" else "gloo"
-            dist.init_process_group(backend, timeout=timeout,
+            dist.init_process_group(backend, timeout=datetime.timedelta(seconds=_TIMEOUT_S),
                                     device_id=device if device.type == "cuda" else None)
         _INFO = DistInfo(dist.get_rank(), local_rank, dist.get_world_size(), device)
+        if _INFO.world_size > 1:
+            _PATIENT_GROUP = dist.new_group(backend="gloo", timeout=PATIENT_TIMEOUT)
+            from shardtune.utils import heartbeat
+
+            _HEARTBEAT = heartbeat.start(_INFO.rank, _INFO.world_size)
     else:
         _INFO = DistInfo(0, 0, 1, device)
     return _INFO
+
+
+def describe_timeout(exc: BaseException) -> Optional[str]:
+    """For a collective that timed out: which rank stopped answering (None: ``exc`` is no timeout)."""
+    from shardtune.utils import heartbeat
+
+    if _INFO.world_size < 2 or not heartbeat.is_timeout(exc):
+        return None
+    who = _HEARTBEAT.silent_ranks() if _HEARTBEAT is not None else "no heartbeat to tell which rank"
+    return f"a collective timed out after {_TIMEOUT_S:.0f} s (--dist_timeout_s): {who}"
 
 
 def info() -> DistInfo:
@@ -77,12 +112,12 @@ def info() -> DistInfo:
 
 
 def is_main() -> bool:
-    return _INFO.is_main
+    return _INFO.is_main if _SET_UP else env_rank() == 0
 
 
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+        dist.barrier(group=_PATIENT_GROUP)
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
@@ -96,7 +131,7 @@ def broadcast_object(obj):
     """Rank 0's Python object, on every rank."""
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         box = [obj]
-        dist.broadcast_object_list(box, src=0)
+        dist.broadcast_object_list(box, src=0, group=_PATIENT_GROUP)
         return box[0]
     return obj
 
@@ -141,6 +176,11 @@ def abort() -> None:
 
 
 def cleanup() -> None:
+    global _PATIENT_GROUP, _HEARTBEAT
+    if _HEARTBEAT is not None:
+        _HEARTBEAT.stop()
+        _HEARTBEAT = None
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+    _PATIENT_GROUP = None

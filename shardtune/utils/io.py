@@ -76,3 +76,20 @@ def _exchange(a: Path, b: Path) -> bool:
     at_fdcwd, rename_exchange = -100, 2
     rc = renameat2(at_fdcwd, os.fsencode(str(a)), at_fdcwd, os.fsencode(str(b)), rename_exchange)
     return rc == 0
+
+
+@contextlib.contextmanager
+def remove_new_files_on_error(folder: PathLike, errors=(Exception,)) -> Iterator[None]:
+    """If the block raises one of ``errors``, delete what it created under ``folder`` (``folder`` itself
+    when it did not exist before), so that a run rejected for bad input leaves the folder as it found it."""
+    folder = Path(folder)
+    before = set(folder.rglob("*")) if folder.exists() else None
+    try:
+        yield
+    except errors:
+        if before is None:
+            shutil.rmtree(folder, ignore_errors=True)
+        elif folder.exists():
+            for path in sorted(set(folder.rglob("*")) - before, reverse=True):  # children before parents
+                shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+        raise

@@ -6,6 +6,7 @@ Model code stays Hugging Face's; nothing here knows about sharding (that lives i
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,6 +70,43 @@ def load_model_config(src: ModelSource, flag: str = "--model_name"):
         raise ConfigError(f"{flag}: model type {config.model_type!r} is not a causal language model "
                           f"(AutoModelForCausalLM cannot load it)")
     return config
+
+
+def check_weight_files(src: ModelSource, flag: str = "--model_name") -> None:
+    """Catch truncated or corrupt safetensors files of a local model folder from their headers, before
+    anything is written (loading them fails deep inside from_pretrained, after minutes on a big model)."""
+    folder = Path(src.path)
+    if src.gguf_file or not folder.is_dir():
+        return
+    for path in sorted(folder.glob("*.safetensors")):
+        size = path.stat().st_size
+        try:
+            with open(path, "rb") as fh:
+                header_len = int.from_bytes(fh.read(8), "little")
+                if size < 8 or header_len > size - 8:
+                    raise ValueError(f"its header needs {header_len} bytes, the file has {size}")
+                header = json.loads(fh.read(header_len))
+            data_end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"),
+                           default=0)
+        except (ValueError, KeyError, TypeError, IndexError) as exc:
+            raise ConfigError(f"{flag}: {path} is not a valid safetensors file ({_one_line(exc)}); re-download or "
+                              "re-save the model") from None
+        if 8 + header_len + data_end > size:
+            raise ConfigError(f"{flag}: {path} is truncated ({size} bytes of {8 + header_len + data_end}); "
+                              "re-download or re-save the model")
+
+
+def check_against_model_config(train_config, model_config) -> None:
+    """Flags that depend on the model's shape, checked from its config before any weights are read."""
+    t = train_config
+    layers = getattr(model_config, "num_hidden_layers", None)
+    if t.freeze_layers and layers is not None and t.num_freeze_layers > layers:
+        raise ConfigError(f"--num_freeze_layers: {t.num_freeze_layers} exceeds the model's {layers} decoder layers")
+    limit = getattr(model_config, "max_position_embeddings", None)
+    context_length = t.context_length
+    if limit and context_length > limit:
+        warn(f"--context_length {context_length} exceeds the model's max_position_embeddings ({limit}): positions "
+             "beyond it were never trained and may give poor results")
 
 
 def load_tokenizer(name: str, flag: str = "--tokenizer_name"):

@@ -68,6 +68,8 @@ class TrainContext:
     # resume mid-epoch: restores the checkpoint's RNG state once the epoch's data iterator exists
     # (creating it draws a seed from the global RNG, as it did before the checkpoint was taken)
     restore_rng: Optional[Callable[[], None]] = None
+    # utils/preemption.StopRequest: after every step, all ranks agree whether a SIGTERM / SIGINT asks to stop
+    stop_request: Optional[object] = None
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
@@ -229,8 +231,11 @@ def train(model, train_loader, eval_loader, optimizer, lr_scheduler, ctx: TrainC
             for obs in ctx.observers:
                 obs.on_step_end(state, record)
 
-            if ctx.save_checkpoint and t.save_every_n_steps and state.step % t.save_every_n_steps == 0:
+            saved = bool(ctx.save_checkpoint and t.save_every_n_steps and state.step % t.save_every_n_steps == 0)
+            if saved:
                 ctx.save_checkpoint(state, "step")
+            if ctx.stop_request is not None:
+                ctx.stop_request.after_step(state, ctx, saved)  # a stop signal: checkpoint, raise Preempted
             if t.max_train_step and state.step >= t.max_train_step:
                 log(f"--> reached max_train_step={t.max_train_step}; stopping")
                 stop = True

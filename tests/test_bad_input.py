@@ -1,0 +1,297 @@
+"""Bad invocations and malformed inputs end cleanly: exit status 2, one ``error:`` line that names the flag or
+file, no traceback, no training step, and the output folder exactly as it was (a sentinel file, untouched).
+
+Every case is a fresh process running the real ``finetuning.py`` (tests/fresh_cli.py forks it from a server
+that has only imported torch, so that 80 cases cost seconds, not minutes). Each run also gets
+``--max_train_step 1``: a case that wrongly passes validation trains one step, which the test catches.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fresh_cli import FreshCli
+
+REPO = Path(__file__).resolve().parent.parent
+ENV = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_DISABLE_PROGRESS_BARS="1", TOKENIZERS_PARALLELISM="false",
+           OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+
+CUSTOM = {
+    "syntax_py": "def get_custom_dataset(config, tokenizer, split):\n    return [(\n",
+    "imports_py": "import no_such_module_xyz\n",
+    "signature_py": "def get_custom_dataset(config):\n    return []\n",
+    "raises_py": "def get_custom_dataset(config, tokenizer, split):\n    return load()\n\n\n"
+                 "def load():\n    raise KeyError('text')\n",
+    "returns_dict_py": "def get_custom_dataset(config, tokenizer, split):\n    return {'train': []}\n",
+    "returns_empty_py": "def get_custom_dataset(config, tokenizer, split):\n    return []\n",
+    "bad_collator_py": "def get_custom_dataset(config, tokenizer, split):\n    return [{'input_ids': [1, 2],"
+                       " 'labels': [1, 2]}] * 8\n\n\ndef get_data_collator(tokenizer, extra):\n    return None\n",
+}
+
+# (case id, arguments, text the single error line must contain). {names} are paths from the `files` fixture.
+CASES = [
+    # the command line itself
+    ("positional", ["alpaca_dataset"], "unexpected argument 'alpaca_dataset'"),
+    ("positional_after_flags", ["--use_peft", "True", "samsum_dataset"], "unexpected argument 'samsum_dataset'"),
+    ("unknown_flag", ["--lrr", "1e-4"], "unknown flag --lrr; did you mean --lr"),
+    ("unknown_config", ["--nosuch_config.x", "1"], "'nosuch_config' is not a config"),
+    ("two_dots", ["--fsdp_config.a.b", "1"], "use one dot"),
+    ("int_type", ["--batch_size_training", "four"], "--batch_size_training: expected an int"),
+    ("bool_type", ["--use_peft", "maybe"], "--use_peft: expected a bool"),
+    ("enum_value", ["--enable_fsdp", "--fsdp_config.sharding_strategy", "HALF"], "expected one of FULL_SHARD"),
+    ("dataset_name", ["--dataset", "imagenet"], "--dataset: unknown data set 'imagenet'"),
+    ("peft_method", ["--peft_method", "ia3"], "--peft_method: unknown method 'ia3'"),
+    ("precision", ["--precision", "fp8"], "--precision: expected one of"),
+    ("batching_strategy", ["--batching_strategy", "pad"], "--batching_strategy: expected 'packing' or 'padding'"),
+    ("quantization_kind", ["--quantization", "3bit"], "--quantization: expected '4bit' or '8bit'"),
+    ("quantization_cpu", ["--quantization", "4bit"], "--quantization needs a CUDA GPU"),
+    ("lora_bias", ["--lora_config.bias", "some"], "--lora_config.bias: expected"),
+    ("no_target_modules", ["--lora_config.target_modules", ""], "--lora_config.target_modules: give at least one"),
+    ("optimizer", ["--fsdp_config.optimizer", "sgd"], "--fsdp_config.optimizer: expected 'AdamW'"),
+    ("config_missing", ["--config", "{missing}.yaml"], "--config: file not found"),
+    ("config_unparsable", ["--config", "{bad_yaml}"], "--config: cannot parse"),
+    ("config_not_mapping", ["--config", "{list_yaml}"], "must hold a mapping"),
+    ("config_bad_value", ["--config", "{bad_value_yaml}"], "--lora_config.lora_dropout: must be in [0, 1)"),
+    # numbers out of range
+    ("lora_dropout_one", ["--use_peft", "--lora_dropout", "1"], "--lora_config.lora_dropout: must be in [0, 1)"),
+    ("lora_dropout_negative", ["--lora_dropout", "-0.1"], "--lora_config.lora_dropout: must be in [0, 1)"),
+    ("lora_alpha_zero", ["--lora_alpha", "0"], "--lora_config.lora_alpha: must be in (0, inf)"),
+    ("lora_alpha_negative", ["--lora_alpha", "-16"], "--lora_config.lora_alpha: must be in (0, inf)"),
+    ("lora_r_zero", ["--lora_config.r", "0"], "--lora_config.r: must be in [1, inf)"),
+    ("seed_negative", ["--seed", "-1"], "--seed: must be in [0, 4294967296)"),
+    ("seed_too_big", ["--seed", "4294967296"], "--seed: must be in [0, 4294967296)"),
+    ("clip_zero", ["--gradient_clipping", "--gradient_clipping_threshold", "0"],
+     "--gradient_clipping_threshold: must be > 0"),
+    ("clip_negative", ["--gradient_clipping", "True", "--gradient_clipping_threshold", "-1"],
+     "--gradient_clipping_threshold: must be > 0"),
+    ("epochs_zero", ["--num_epochs", "0"], "--num_epochs: must be in [1, inf)"),
+    ("lr_inf", ["--lr", "inf"], "--lr: must be a finite number"),
+    ("lr_nan", ["--lr", "nan"], "--lr: must be a finite number"),
+    ("lr_zero", ["--lr", "0"], "--lr: must be in (0, inf)"),
+    ("lr_negative", ["--lr", "-1e-4"], "--lr: must be in (0, inf)"),
+    ("gamma", ["--gamma", "1.5"], "--gamma: must be in (0, 1]"),
+    ("weight_decay", ["--weight_decay", "-0.1"], "--weight_decay: must be in [0, inf)"),
+    ("batch_zero", ["--batch_size_training", "0"], "--batch_size_training: must be in [1, inf)"),
+    ("context_zero", ["--context_length", "0"], "--context_length: must be in [1, inf)"),
+    ("accumulation_zero", ["--gradient_accumulation_steps", "0"], "--gradient_accumulation_steps: must be in"),
+    ("keep_zero", ["--keep_last_n_checkpoints", "0"], "--keep_last_n_checkpoints: must be in [1, inf)"),
+    ("val_batch_zero", ["--val_batch_size", "0"], "--val_batch_size: must be in [1, inf)"),
+    ("workers_negative", ["--num_workers_dataloader", "-1"], "--num_workers_dataloader: must be in [0, inf)"),
+    ("peak_nan", ["--peak_tflops", "nan"], "--peak_tflops: must be a finite number"),
+    ("freeze_too_many", ["--freeze_layers", "--num_freeze_layers", "99"], "--num_freeze_layers: 99 exceeds"),
+    # flags that would have no effect in this run
+    ("cpu_offload_no_fsdp", ["--fsdp_config.fsdp_cpu_offload", "True"], "fsdp_cpu_offload has no effect without"),
+    ("hsdp_no_fsdp", ["--fsdp_config.hsdp", "True", "--sharding_strategy", "HYBRID_SHARD"], "has no effect without"),
+    ("shard_size_no_fsdp", ["--sharding_group_size", "2"], "sharding_group_size has no effect without"),
+    ("replica_size_no_fsdp", ["--replica_group_size", "2"], "replica_group_size has no effect without"),
+    ("strategy_no_fsdp", ["--fsdp_config.sharding_strategy", "SHARD_GRAD_OP"], "sharding_strategy has no effect"),
+    ("freeze_with_peft", ["--use_peft", "--freeze_layers"], "--freeze_layers has no effect with --use_peft"),
+    ("low_cpu_no_fsdp", ["--low_cpu_fsdp"], "--low_cpu_fsdp needs --enable_fsdp"),
+    ("peft_checkpoint_no_peft", ["--from_peft_checkpoint", "x"], "--from_peft_checkpoint needs --use_peft"),
+    ("flops_and_profiler", ["--flop_counter", "--use_profiler"], "cannot be combined"),
+    # the output folder
+    ("output_empty", ["--output_dir", ""], "--output_dir: empty"),
+    ("output_is_file", ["--output_dir", "{a_file}"], "is a file, not a folder"),
+    ("output_under_file", ["--output_dir", "{a_file}/sub"], "is a file"),
+    ("output_not_creatable", ["--output_dir", "/proc/shardtune_out"], "--output_dir: cannot create /proc"),
+    # the model and tokenizer
+    ("model_missing", ["--model_name", "{missing}/model"], "--model_name: folder not found"),
+    ("model_is_file", ["--model_name", "{a_file}"], "is a file; give a model folder"),
+    ("model_no_config", ["--model_name", "{empty_dir}"], "--model_name: cannot load a model config"),
+    ("model_truncated", ["--model_name", "{truncated_model}"], "model.safetensors is truncated"),
+    ("model_bad_header", ["--model_name", "{garbage_model}"], "is not a valid safetensors file"),
+    ("gguf_missing", ["--model_name", "{missing}/m.gguf"], "--model_name: GGUF file not found"),
+    ("tokenizer_missing", ["--tokenizer_name", "{missing}/tok"], "--tokenizer_name: folder not found"),
+    ("tokenizer_broken", ["--tokenizer_name", "{empty_dir}"], "--tokenizer_name: cannot load a tokenizer"),
+    ("resume_missing", ["--resume_from", "{missing}/ckpt"], "--resume_from: "),
+    # data files
+    ("alpaca_latin1", ["--alpaca_dataset.data_path", "{latin1_json}"], "is not UTF-8 text: byte 0xe9"),
+    ("alpaca_utf16", ["--alpaca_dataset.data_path", "{utf16_json}"], "is not UTF-8 text (it looks like UTF-16)"),
+    ("alpaca_empty_list", ["--alpaca_dataset.data_path", "{empty_json}"], "holds no records"),
+    ("alpaca_missing", ["--alpaca_dataset.data_path", "{missing}.json"], "--alpaca_dataset.data_path: file not"),
+    ("alpaca_invalid_json", ["--alpaca_dataset.data_path", "{invalid_json}"], "is not valid JSON"),
+    ("alpaca_not_records", ["--alpaca_dataset.data_path", "{object_json}"], "must hold a JSON list"),
+    ("alpaca_wrong_fields", ["--alpaca_dataset.data_path", "{wrong_fields_json}"], "is not a JSON list of"),
+    ("alpaca_one_record", ["--alpaca_dataset.data_path", "{one_record_json}"], "the 'train' split holds no usable example"),
+    ("grammar_latin1", ["--dataset", "grammar_dataset", "--grammar_dataset.train_split", "{latin1_csv}"],
+     "--grammar_dataset.train_split: "),
+    ("grammar_columns", ["--dataset", "grammar_dataset", "--grammar_dataset.train_split", "{columns_csv}"],
+     "needs 'input' and 'target' columns"),
+    ("chat_utf16", ["--dataset", "chat_dataset", "--chat_dataset.data_path", "{utf16_json}"],
+     "--chat_dataset.data_path: "),
+    ("chat_no_messages", ["--dataset", "chat_dataset", "--chat_dataset.data_path", "{chat_bad_jsonl}"],
+     "has neither 'messages' nor 'prompt'/'completion'"),
+    ("custom_syntax", ["--dataset", "custom_dataset", "--custom_dataset.file", "{syntax_py}"],
+     "syntax.py, line 2: SyntaxError"),
+    ("custom_import", ["--dataset", "custom_dataset", "--custom_dataset.file", "{imports_py}"],
+     "imports.py, line 1: ModuleNotFoundError: No module named 'no_such_module_xyz'"),
+    ("custom_signature", ["--dataset", "custom_dataset", "--custom_dataset.file", "{signature_py}"],
+     "get_custom_dataset(config) cannot be called with 3 arguments"),
+    ("custom_raises", ["--dataset", "custom_dataset", "--custom_dataset.file", "{raises_py}"],
+     "raises.py, line 6: KeyError: 'text'"),
+    ("custom_returns_dict", ["--dataset", "custom_dataset", "--custom_dataset.file", "{returns_dict_py}"],
+     "returned dict"),
+    ("custom_returns_empty", ["--dataset", "custom_dataset", "--custom_dataset.file", "{returns_empty_py}"],
+     "returned an empty data set"),
+    ("custom_no_function", ["--dataset", "custom_dataset", "--custom_dataset.file", "{returns_empty_py}:nope"],
+     "defines no function nope"),
+    ("custom_missing", ["--dataset", "custom_dataset", "--custom_dataset.file", "{missing}.py"],
+     "--custom_dataset.file: file not found"),
+    ("custom_collator_signature", ["--dataset", "custom_dataset", "--custom_dataset.file", "{bad_collator_py}"],
+     "get_data_collator(tokenizer, extra) cannot be called with 1 arguments"),
+    # sizes that only the data can decide
+    ("context_too_small", ["--context_length", "8"], "--context_length 8: too small for any sample"),
+    ("batch_larger_than_data", ["--batch_size_training", "100000"],
+     "--batch_size_training 100000: the training set has only"),
+]
+
+
+def _write_files(d: Path, model_dir: Path) -> dict:
+    from shardtune.configs.paths import BUNDLED_ALPACA_SAMPLE
+
+    records = json.loads(Path(BUNDLED_ALPACA_SAMPLE).read_text())[:40]
+    files = {"missing": d / "does_not_exist", "a_file": d / "a_file.txt", "empty_dir": d / "empty_dir",
+             "small_alpaca": d / "small_alpaca.json"}
+    files["a_file"].write_text("not a folder\n")
+    files["empty_dir"].mkdir()
+    files["small_alpaca"].write_text(json.dumps(records))
+    text = '[{"instruction": "Say caf\u00e9", "input": "", "output": "caf\u00e9"}]'
+    for name, content in {"latin1_json": text.encode("latin-1"), "utf16_json": text.encode("utf-16"),
+                          "empty_json": b"[]", "invalid_json": b'[{"instruction": "a",',
+                          "object_json": b'[1, 2]',
+                          "wrong_fields_json": b'[{"question": "a", "answer": "b"}]',
+                          "one_record_json": json.dumps(records[:1]).encode(),
+                          "latin1_csv": "input,target\nSay caf\u00e9,caf\u00e9\n".encode("latin-1"),
+                          "columns_csv": b"sentence,correction\na,b\n",
+                          "chat_bad_jsonl": b'{"text": "hello"}\n',
+                          "bad_yaml": b"lr: [1, 2\n", "list_yaml": b"- lr\n- 1\n",
+                          "bad_value_yaml": b"lora_config:\n  lora_dropout: 1.5\n"}.items():
+        suffix = {"json": ".json", "csv": ".csv", "jsonl": ".jsonl", "yaml": ".yaml"}[name.rsplit("_", 1)[1]]
+        files[name] = d / f"{name}{suffix}"
+        files[name].write_bytes(content)
+    for name, code in CUSTOM.items():
+        files[name] = d / name.replace("_py", ".py")
+        files[name].write_text(code)
+    for name, damage in (("truncated_model", "truncate"), ("garbage_model", "garbage")):
+        target = d / name
+        shutil.copytree(model_dir, target)
+        weights = target / "model.safetensors"
+        if damage == "truncate":
+            os.truncate(weights, weights.stat().st_size // 2)
+        else:
+            weights.write_bytes((40).to_bytes(8, "little") + b"{not json" + b" " * 64)
+        files[name] = target
+    return files
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    from shardtune.configs.paths import BUNDLED_MODEL_DIR
+
+    return _write_files(tmp_path_factory.mktemp("bad_input_files"), BUNDLED_MODEL_DIR)
+
+
+@pytest.fixture(scope="module")
+def fresh_cli():
+    server = FreshCli(ENV)
+    yield server
+    server.close()
+
+
+def _sentinel_folder(path: Path) -> dict:
+    path.mkdir(parents=True)
+    sentinel = path / "sentinel.txt"
+    sentinel.write_text("keep me\n")
+    os.utime(sentinel, (1_000_000_000, 1_000_000_000))
+    return {"sentinel.txt": (sentinel.read_bytes(), sentinel.stat().st_mtime_ns)}
+
+
+def _folder_state(path: Path) -> dict:
+    return {str(p.relative_to(path)): (p.read_bytes() if p.is_file() else None, p.stat().st_mtime_ns)
+            for p in path.rglob("*")}
+
+
+def assert_clean_failure(rc: int, stdout: str, stderr: str, expected: str, out_dir: Path, before: dict):
+    lines = [ln for ln in stderr.splitlines() if ln.strip()]
+    errors = [ln for ln in lines if ln.startswith("error: ")]
+    assert rc == 2, f"exit status {rc}\n{stderr[-3000:]}"
+    assert "Traceback" not in stderr + stdout
+    assert len(errors) == 1 and expected in errors[0], lines
+    assert all(ln.startswith(("error: ", "warning: ")) for ln in lines), lines  # nothing else on stderr
+    assert "step 1 |" not in stdout and "Training epoch" not in stderr  # no training step
+    assert _folder_state(out_dir) == before, sorted(_folder_state(out_dir))
+
+
+def test_at_least_60_cases():
+    assert len(CASES) >= 60 and len({c[0] for c in CASES}) == len(CASES)
+
+
+@pytest.mark.parametrize("case, args, expected", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_fails_cleanly(case, args, expected, files, fresh_cli, tmp_path):
+    names = {k: str(v) for k, v in files.items()}
+    args = [a.format(**names) for a in args]
+    expected = expected.format(**names)
+    out_dir = tmp_path / "out"
+    before = _sentinel_folder(out_dir)
+    common = ["--output_dir", str(out_dir), "--alpaca_dataset.data_path", names["small_alpaca"],
+              "--num_workers_dataloader", "0", "--max_train_step", "1"]
+    given = {a for a in args if a.startswith("--")}
+    common = [x for i in range(0, len(common), 2) for x in common[i:i + 2] if common[i] not in given]
+    rc, stdout, stderr = fresh_cli.run(common + args, cwd=tmp_path, log_dir=tmp_path)
+    assert_clean_failure(rc, stdout, stderr, expected, out_dir, before)
+
+
+def test_debug_shows_the_traceback(fresh_cli, tmp_path):
+    rc, _, stderr = fresh_cli.run(["--lr", "nan", "--debug", "--output_dir", tmp_path / "o"], tmp_path, tmp_path)
+    assert rc == 2 and "Traceback" in stderr and "ConfigError: --lr: must be a finite number" in stderr
+
+
+def test_flag_given_twice_and_context_beyond_the_model_warn(fresh_cli, tmp_path):
+    """Warnings, not errors: both runs stop at the (deliberately) bad --lr after warning."""
+    out = tmp_path / "o"
+    rc, _, stderr = fresh_cli.run(["--seed", "1", "--seed", "2", "--lr", "nan", "--output_dir", out], tmp_path,
+                                  tmp_path)
+    assert rc == 2 and "warning: --seed is given 2 times; the last value is used" in stderr
+    rc, _, stderr = fresh_cli.run(["--context_length", "5000", "--batch_size_training", "100000",
+                                   "--output_dir", out], tmp_path, tmp_path)
+    assert rc == 2 and stderr.count("exceeds the model's max_position_embeddings (4096)") == 1, stderr
+
+
+def test_help_into_a_closed_pipe(tmp_path):
+    """`finetuning.py --help | head -1`: no BrokenPipeError once head has gone."""
+    proc = subprocess.run(f"'{sys.executable}' '{REPO / 'finetuning.py'}' --help | head -1", shell=True,
+                          capture_output=True, text=True, env=ENV, timeout=120)
+    assert proc.stdout.startswith("usage: finetuning.py") and proc.stdout.count("\n") == 1
+    assert "BrokenPipe" not in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+def _torchrun(args, tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(REPO / "finetuning.py"), *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=240, cwd=tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["before_process_group", "after_process_group", "no_enable_fsdp"])
+def test_torchrun_prints_a_config_error_once(case, files, tmp_path):
+    """Two ranks meet the same bad input; rank 0 alone reports it. (torchrun's launcher then adds its own
+    ChildFailedError report, which is outside finetuning.py.)"""
+    out_dir = tmp_path / "out"
+    before = _sentinel_folder(out_dir)
+    args, expected = {
+        "before_process_group": (["--enable_fsdp", "--lora_dropout", "1.5"], "--lora_config.lora_dropout"),
+        "after_process_group": (["--enable_fsdp", "--context_length", "8"], "--context_length 8: too small"),
+        "no_enable_fsdp": ([], "launched with 2 processes but without --enable_fsdp"),
+    }[case]
+    proc = _torchrun(["--output_dir", out_dir, "--alpaca_dataset.data_path", files["small_alpaca"], *args], tmp_path)
+    ours = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")]
+    assert proc.returncode != 0
+    assert len(ours) == 1 and expected in ours[0], proc.stderr[-3000:]
+    assert "exitcode  : 2" in proc.stderr  # a worker ended with the config-error status, not a crash
+    assert _folder_state(out_dir) == before
