@@ -160,10 +160,12 @@ def main(**kwargs) -> dict:
     # so no rank holds an fp32 copy of the whole model in host memory.
     upcast_on_gpu = (t.enable_fsdp and dist_info.distributed and device.type == "cuda" and not t.low_cpu_fsdp
                      and not run.fsdp.fsdp_cpu_offload and bnb_config is None and weights == t.model_name)
+    from shardtune.data.loader import is_packed
+
     lm = load_model(weights, precision, device, use_fast_kernels=t.use_fast_kernels, bnb_config=bnb_config,
                     meta=meta, attn_implementation=t.attn_implementation,
                     prompt_learning=t.use_peft and t.peft_method == "prefix",
-                    packing=t.batching_strategy == "packing" and collate is None,
+                    packing=is_packed(train_loader),
                     dtype=export_dtype if upcast_on_gpu else None)
     if not meta:
         maybe_resize_embeddings(lm, tokenizer)

@@ -87,3 +87,19 @@ def test_ac_every_n_layers_checkpoints_a_subset_with_unchanged_losses(tiny_llama
                      tmp_path / "r_half")
     assert "activation checkpointing on for 1 of 2 layers (every 2)" in half[0]["log"]
     assert step_losses(tmp_path / "half") == pytest.approx(step_losses(tmp_path / "all"), abs=1e-6)
+
+
+def test_is_packed_tells_packed_loaders_from_padded_ones(bundled_tokenizer_dir):
+    """The attention choice follows the loader: FlexAttention only where blocks are packed."""
+    from transformers import AutoTokenizer
+
+    from shardtune.configs.training import train_config
+    from shardtune.data.loader import build_dataloader, is_packed
+
+    tok = AutoTokenizer.from_pretrained(bundled_tokenizer_dir)
+    samples = [{"input_ids": list(range(3, 3 + n)), "labels": list(range(3, 3 + n))} for n in (5, 9, 12, 7)]
+    for strategy, world in (("packing", 1), ("packing", 2), ("padding", 1)):
+        cfg = train_config(batching_strategy=strategy, context_length=16, batch_size_training=1,
+                           num_workers_dataloader=0)
+        loader = build_dataloader(samples, tok, cfg, train=True, world_size=world)
+        assert is_packed(loader) == (strategy == "packing"), (strategy, world)

@@ -105,3 +105,11 @@ def check_batch_fits(loader: DataLoader, batch_size: int, world_size: int) -> No
         raise ConfigError(f"--batch_size_training {batch_size}: the training set has only {units} {what}"
                           + (f" for {world_size} ranks" if world_size > 1 else "")
                           + f"; use --batch_size_training {max(1, units // world_size)} or less")
+
+
+def is_packed(loader: DataLoader) -> bool:
+    """Whether ``loader`` yields packed blocks (documents kept apart by restarting position_ids)."""
+    from shardtune.data.packing import PackedDataset
+
+    dataset = loader.dataset
+    return isinstance(dataset.data if isinstance(dataset, WithFillers) else dataset, PackedDataset)
