@@ -112,7 +112,8 @@ def main(**kwargs) -> dict:
     seed_everything(t.seed)
     precision = resolve_precision(run, device)
     output_dir = Path(t.output_dir)
-    from shardtune.model_checkpointing.output_dir import claim_output_dir, lock_new_output_dir, start_run
+    from shardtune.model_checkpointing.output_dir import (claim_output_dir, lock_new_output_dir, release_locks,
+                                                         start_run)
 
     # One run per output folder (a lock), and never silently on top of an earlier run's results. Nothing is
     # written here: a folder that does not exist yet is created (and locked) once every input is checked.
@@ -258,6 +259,7 @@ def main(**kwargs) -> dict:
                 obs.close()
             metrics.close()
             distributed.cleanup()
+            release_locks()
             return {"steps": state.step, "already_finished": True}
 
     ctx = TrainContext(run=run, device=device, autocast=autocast_for(precision, device, t.enable_fsdp and
@@ -280,6 +282,7 @@ def main(**kwargs) -> dict:
         log("--> summary: " + ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
                                         for k, v in summary.items()))
     distributed.cleanup()
+    release_locks()
     return summary
 
 

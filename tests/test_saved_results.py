@@ -195,25 +195,23 @@ def test_replace_directory_swaps_without_a_gap(tmp_path):
 # One run per output folder
 # ---------------------------------------------------------------------------------------------
 def test_a_folder_in_use_is_refused_and_a_dead_runs_lock_is_taken_over(tiny_llama_dir, tmp_path):
-    import os
-    import signal
-
-    from shardtune.model_checkpointing.output_dir import lock_output_dir, release_locks
+    import subprocess
+    import sys
 
     out = tmp_path / "out"
     out.mkdir()
-    lock_output_dir(out)  # this process is the live run holding the folder
+    holder = subprocess.Popen(  # another live run holding the folder
+        [sys.executable, "-c", "import sys; from shardtune.model_checkpointing.output_dir import lock_output_dir; "
+         f"lock_output_dir({str(out)!r}); print('locked', flush=True); sys.stdin.read()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
+        assert holder.stdout.readline().strip() == "locked"
         results = run_ranks(2, base_kwargs(tiny_llama_dir, out), tmp_path / "r1", expect_error=True)
         for r in results:
             assert "is in use by another running shardtune run" in r["error"]
     finally:
-        release_locks()
-    pid = os.fork()
-    if pid == 0:  # a run that takes the lock and is killed
-        lock_output_dir(out)
-        os.kill(os.getpid(), signal.SIGKILL)
-    os.waitpid(pid, 0)
+        holder.kill()  # SIGKILL: the run dies without releasing anything
+        holder.wait()
     run_ranks(2, base_kwargs(tiny_llama_dir, out), tmp_path / "r2")  # its lock died with it
     assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []  # the lock is no file
 

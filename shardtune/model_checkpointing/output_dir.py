@@ -51,6 +51,8 @@ def read_run_id(output_dir: Path) -> Optional[str]:
 
 def lock_output_dir(output_dir: Path) -> None:
     """Take the folder's lock for the life of this process; one line if another live run holds it."""
+    if Path(output_dir).resolve() in _held_locks:  # this process holds it already
+        return
     fd = os.open(output_dir, os.O_RDONLY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -81,16 +83,17 @@ def claim_output_dir(run: RunConfigs) -> RunDir:
     once every input is checked (so that a rejected run leaves no folder behind)."""
     t = run.train
     out = Path(t.output_dir)
-    if not out.is_dir():
-        return RunDir(out, uuid.uuid4().hex[:12], None)
-    lock_output_dir(out)
+    exists = out.is_dir()
+    if exists:
+        lock_output_dir(out)
     previous_id = read_run_id(out)
-    found = previous_results(run)
+    found = previous_results(run)  # also a --dist_checkpoint_root_folder outside the output folder
     if found and not t.resume_from and not t.overwrite_output_dir:
         raise ConfigError(f"--output_dir {out} holds the results of an earlier run ({found[0]}); resume it with "
                           f"--resume_from auto, start afresh with --overwrite_output_dir (deletes them), or choose "
                           f"another --output_dir")
-    remove_leftovers(run)
+    if exists:
+        remove_leftovers(run)
     run_id = previous_id if (t.resume_from and previous_id) else uuid.uuid4().hex[:12]
     return RunDir(out, run_id, previous_id)
 
@@ -98,8 +101,7 @@ def claim_output_dir(run: RunConfigs) -> RunDir:
 def lock_new_output_dir(run_dir: RunDir) -> None:
     """Rank 0: create the output folder if this run is the first to use it, and hold its lock."""
     run_dir.path.mkdir(parents=True, exist_ok=True)
-    if run_dir.path.resolve() not in _held_locks:
-        lock_output_dir(run_dir.path)
+    lock_output_dir(run_dir.path)
 
 
 def start_run(run: RunConfigs, run_dir: RunDir, run_id: str) -> None:
