@@ -191,7 +191,7 @@ def test_real_pretrained_smollm2_lora_loss_falls(tmp_path):
     data.write_text(json.dumps(records))
     summary = main(model_name=str(_smollm2_gguf()), use_peft=True, dataset="alpaca_dataset",
                    **{"alpaca_dataset.data_path": str(data)}, batching_strategy="padding", context_length=96,
-                   batch_size_training=4, num_epochs=3, lr=2e-3, output_dir=str(tmp_path / "out"),
+                   batch_size_training=3, num_epochs=3, lr=2e-3, output_dir=str(tmp_path / "out"),
                    save_metrics=True, precision="fp32", run_validation=False,
                    **{"lora_config.target_modules": "q_proj,k_proj,v_proj,o_proj"})
     losses = _step_losses(tmp_path / "out")
