@@ -19,7 +19,7 @@ from shardtune.utils import distributed
 from shardtune.utils.config_utils import (ConfigError, RunConfigs, dump_resolved, format_help, parse_cli,
                                           resolve_compile, resolve_precision, save_resolved)
 from shardtune.utils.io import atomic_write_text, remove_new_files_on_error
-from shardtune.utils.logging import log, warn
+from shardtune.observability.logging import log, warn
 from shardtune.utils.preemption import PREEMPTED_EXIT_CODE, Preempted
 from shardtune.utils.rng import seed_everything
 
@@ -83,8 +83,8 @@ def main(**kwargs) -> dict:
 
         if importlib.util.find_spec("bitsandbytes") is None:
             raise ConfigError("--quantization needs bitsandbytes: pip install 'shardtune[quant]'")
-    from shardtune.utils.profiling import check_profiler_config
-    from shardtune.utils.trackers import check_trackers
+    from shardtune.observability.profiler import check_profiler_config
+    from shardtune.observability.trackers import check_trackers
 
     check_trackers(run)  # --use_wandb / --use_tensorboard without the 'tracking' extra: one line, now
     check_profiler_config(run)
@@ -104,7 +104,7 @@ def main(**kwargs) -> dict:
                                "--tokenizer_name" if t.tokenizer_name else "--model_name")
 
     # 2. Processes, device, seeds, precision. (The CUDA allocator is configured before CUDA starts.)
-    from shardtune.utils.memory_utils import configure_cuda_allocator
+    from shardtune.utils.distributed import configure_cuda_allocator
 
     allocator_note = configure_cuda_allocator()
     dist_info = distributed.setup(t.enable_fsdp, t.dist_timeout_s)
@@ -214,17 +214,17 @@ def main(**kwargs) -> dict:
     # 6. Train.
     from shardtune.model_checkpointing.checkpoint import Checkpointer
     from shardtune.utils.disk import guard_saves, warn_if_low_disk
-    from shardtune.utils.metrics import MetricsWriter
+    from shardtune.observability.metrics import MetricsWriter
     from shardtune.utils.preemption import StopRequest
     from shardtune.utils.train_utils import TrainContext, train
 
     stamp = time.strftime("%Y%m%d-%H%M%S")
     metrics_path = output_dir / f"metrics_{stamp}.jsonl" if t.save_metrics and distributed.is_main() else None
     # Observability: analytic FLOPs and the accelerator peak (MFU), trackers, profiler or FLOP counter.
-    from shardtune.utils.flop_utils import FlopCounter, count_model_flops
-    from shardtune.utils.mfu import peak_tflops_for
-    from shardtune.utils.profiling import build_profiler
-    from shardtune.utils.trackers import build_trackers
+    from shardtune.observability.flops import FlopCounter, count_model_flops
+    from shardtune.observability.mfu import peak_tflops_for
+    from shardtune.observability.profiler import build_profiler
+    from shardtune.observability.trackers import build_trackers
 
     model_flops = count_model_flops(model)
     peak_tflops, peak_note = peak_tflops_for(device, t.peak_tflops)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from conftest import HANG_TIMEOUT_S
 
-from shardtune.utils.metrics import read_metrics
+from shardtune.observability.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from shardtune.utils.metrics import format_step_line, read_metrics
+from shardtune.observability.metrics import format_step_line, read_metrics
 
 FLOP_TOLERANCE = 0.01
 
@@ -42,7 +42,7 @@ def _load_lm(model_dir, attn="eager"):
 
 def _count_step(model, ids, labels):
     """Counted FLOPs of one forward + backward, with the analytic ModelFlops of the model."""
-    from shardtune.utils.flop_utils import count_model_flops, flop_counter_mode
+    from shardtune.observability.flops import count_model_flops, flop_counter_mode
 
     model_flops = count_model_flops(model)
     with flop_counter_mode() as counter:
@@ -67,7 +67,7 @@ def test_analytic_flops_match_published_llama3_numbers(name, geometry, seq, expe
     """Built on the meta device (no memory): 6N + 12LHQT per token, N = linear weights incl. the output layer."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from shardtune.utils.flop_utils import count_model_flops
+    from shardtune.observability.flops import count_model_flops
 
     with torch.device("meta"):
         model = LlamaForCausalLM(LlamaConfig(**geometry))
@@ -77,7 +77,7 @@ def test_analytic_flops_match_published_llama3_numbers(name, geometry, seq, expe
 
 
 def test_peak_table_and_mfu():
-    from shardtune.utils.mfu import lookup_peak_tflops, mfu, peak_tflops_for
+    from shardtune.observability.mfu import lookup_peak_tflops, mfu, peak_tflops_for
 
     assert lookup_peak_tflops("NVIDIA H100 80GB HBM3") == 989
     assert lookup_peak_tflops("NVIDIA H100 PCIe") == 756
@@ -116,7 +116,7 @@ def test_flop_counter_counts_gqa_sdpa_attention(tiny_llama_dir):
     Fused kernels recompute QK^T in the backward, so attention counts 14 where the analytic count has 12."""
     import torch.nn.functional as F
 
-    from shardtune.utils.flop_utils import flop_counter_mode, sdpa_flop_formulas
+    from shardtune.observability.flops import flop_counter_mode, sdpa_flop_formulas
     from shardtune.utils.loss import CausalLMWithLoss
 
     b, hq, hkv, s, d = 2, 8, 2, 16, 32
@@ -164,7 +164,7 @@ def test_flop_counter_observer_windows_and_fallback(capsys):
     time is used and the report says so; a run too short to count warns."""
     from types import SimpleNamespace
 
-    from shardtune.utils.flop_utils import FlopCounter
+    from shardtune.observability.flops import FlopCounter
 
     a, b = torch.randn(64, 32), torch.randn(32, 16)
     counter = FlopCounter(start=1, device=torch.device("cpu"), peak_tflops=None)
@@ -203,7 +203,7 @@ def test_step_line_format():
 def test_memory_report_without_thread():
     import threading
 
-    from shardtune.utils.memory_utils import MemoryTracker
+    from shardtune.observability.memory import MemoryTracker
 
     threads = threading.active_count()
     tracker = MemoryTracker(torch.device("cpu"))
@@ -277,7 +277,7 @@ def test_metrics_file_records(metrics_run):
 
 
 def test_plot_metrics_writes_pngs(metrics_run, tmp_path):
-    from shardtune.utils.plot_metrics import main as plot_main
+    from shardtune.observability.plots import main as plot_main
 
     assert plot_main([metrics_run["summary"]["metrics_file"], "--out_dir", str(tmp_path)]) == 0
     names = sorted(p.name.split("_", 2)[-1] for p in tmp_path.glob("*.png"))
@@ -290,7 +290,7 @@ def test_plot_metrics_writes_pngs(metrics_run, tmp_path):
 def test_plot_metrics_without_matplotlib(metrics_run, monkeypatch):
     import sys
 
-    from shardtune.utils.plot_metrics import plot
+    from shardtune.observability.plots import plot
 
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     with pytest.raises(SystemExit, match=r"pip install 'shardtune\[tracking\]'"):
@@ -346,7 +346,7 @@ def test_missing_tracking_extra_fails_before_model_load(monkeypatch, tmp_path):
     import importlib.util
 
     from shardtune.finetuning import main
-    from shardtune.utils import trackers
+    from shardtune.observability import trackers
     from shardtune.utils.config_utils import ConfigError
 
     real = importlib.util.find_spec
@@ -393,7 +393,7 @@ def test_two_ranks_flop_counter_on_sharded_model(tiny_llama_dir, tmp_path):
     assert fc[0]["measured_flops"] == fc[1]["measured_flops"] > 0 and fc[0]["step"] == 2 and fc[0]["timed_step"] == 3
     # per GPU: the analytic count of one rank's batch (2 x 128 tokens); SDPA recompute and the output layer at
     # supervised positions only keep measured within 10% of it
-    from shardtune.utils.flop_utils import count_model_flops
+    from shardtune.observability.flops import count_model_flops
     from shardtune.utils.loss import CausalLMWithLoss
 
     single = count_model_flops(CausalLMWithLoss(_load_lm(tiny_llama_dir, "sdpa")))

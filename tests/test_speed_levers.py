@@ -52,7 +52,7 @@ def test_flash_attention_2_without_the_package_is_one_line():
 
 
 def test_allocator_setting_respects_the_user(monkeypatch):
-    from shardtune.utils.memory_utils import ALLOCATOR_SETTING, configure_cuda_allocator
+    from shardtune.utils.distributed import ALLOCATOR_SETTING, configure_cuda_allocator
 
     monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
     monkeypatch.delenv("PYTORCH_ALLOC_CONF", raising=False)

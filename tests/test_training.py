@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from shardtune.finetuning import main
-from shardtune.utils.metrics import read_metrics
+from shardtune.observability.metrics import read_metrics
 from test_fsdp_support import step_losses as _step_losses
 
 QUICK = dict(context_length=128, run_validation=False, num_epochs=1, save_metrics=True, precision="fp32")

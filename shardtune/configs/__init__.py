@@ -1,4 +1,5 @@
-"""Typed run configuration. Each dataclass is both documentation and the command line's schema."""
+"""The run's typed configuration: one dataclass per config (train, fsdp, PEFT methods, data sets, wandb,
+quantization); each field's default, type, valid range and help text are the command line's schema."""
 from shardtune.configs.datasets import (alpaca_dataset, chat_dataset, custom_dataset, grammar_dataset,
                                         samsum_dataset)
 from shardtune.configs.fsdp import ShardingStrategy, StateDictType, fsdp_config

@@ -1,1 +1,2 @@
-"""Batching: samplers, packing and collators (see loader.build_dataloader)."""
+"""From tokenised samples to batches: samplers, packing into context_length blocks, collators and the
+data loaders (``loader.build_dataloader``)."""

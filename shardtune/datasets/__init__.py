@@ -1,9 +1,9 @@
-"""Data sets: name -> tokenised samples (input_ids and labels; labels -100 where no loss is taken).
+"""Data sets by name (alpaca, grammar, samsum, custom, chat) -> tokenised samples with labels, cached on
+disk once per tokenizer and settings. Entry points: get_preprocessed_dataset, get_custom_data_collator.
 
-Entry points used by finetuning.main: :func:`get_preprocessed_dataset` and
-:func:`get_custom_data_collator`. Built-in data sets are a pair of functions (see :class:`Builder`)
-so that tokenisation is done once and cached (datasets/cache.py); custom data sets are the user's
-own function (datasets/custom_dataset.py).
+Labels are -100 where no loss is taken. Built-in data sets are a pair of functions (see :class:`Builder`)
+so that tokenisation is done once and cached (datasets/cache.py); custom data sets are the user's own
+function (datasets/custom_dataset.py).
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from shardtune.datasets.cache import cached_tokenized
 from shardtune.utils import distributed
 from shardtune.datasets.common import target_start, tokenize_prompt_and_target
 from shardtune.utils.config_utils import ConfigError
-from shardtune.utils.logging import log, warn
+from shardtune.observability.logging import log, warn
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ import torch.distributed as dist
 from shardtune.datasets.common import target_start
 from shardtune.utils import distributed
 from shardtune.utils.config_utils import ConfigError
-from shardtune.utils.logging import log
+from shardtune.observability.logging import log
 
 CACHE_VERSION = 1  # bump whenever tokenisation code changes the tokens it produces
 

@@ -1,1 +1,2 @@
-"""Saving, resuming and converting checkpoints."""
+"""Where results go: the output folder and its lock, resumable checkpoints and their integrity checks, the
+exported model or adapter, and the converter from a checkpoint to a Hugging Face folder."""

@@ -48,7 +48,7 @@ from shardtune.model_checkpointing.export import (SaveError, canonical_name, exp
 from shardtune.utils import distributed
 from shardtune.utils.config_utils import ConfigError, RunConfigs
 from shardtune.utils.io import TMP_MARKER, atomic_write_text, replace_directory
-from shardtune.utils.logging import log, warn
+from shardtune.observability.logging import log, warn
 from shardtune.utils.rng import rng_state, set_rng_state
 
 STATE_FILE = "state.json"

@@ -25,7 +25,7 @@ from typing import Dict, List, Optional
 
 from shardtune.utils.config_utils import ConfigError, RunConfigs
 from shardtune.utils.io import TMP_MARKER, atomic_write_text
-from shardtune.utils.logging import log, warn
+from shardtune.observability.logging import log, warn
 
 RUN_FILE = "run.json"
 MODEL_DIR = "model"

@@ -1,6 +1,2 @@
-"""How the model is sharded and computed under FSDP2: which modules are FSDP units (wrapping), in which
-dtypes parameters are gathered and gradients reduced (mixed_precision), which layers recompute their
-activations (activation_checkpointing), and the low-precision optimizer (anyprecision_optimizer).
-
-``utils/fsdp_utils.shard_model`` applies them in that order.
-"""
+"""How the model is sharded and computed: FSDP units (wrapping), gather / reduce dtypes (mixed_precision),
+activation checkpointing, torch.compile per layer, and the low-precision AnyPrecisionAdamW optimizer."""

@@ -55,6 +55,26 @@ def pick_device(local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
+ALLOCATOR_SETTING = "expandable_segments:True"
+
+
+def configure_cuda_allocator() -> str:
+    """Expandable segments for PyTorch's CUDA caching allocator, unless the user configured it.
+
+    With fixed-size segments, FSDP's all-gather buffers and activation-checkpointing recomputation
+    leave many partly used blocks: 68 GB reserved for 24 GB allocated was measured on Llama-3.2-1B
+    (H200). Expandable segments grow one mapping per stream instead, so reserved stays close to
+    allocated. Must run before the first CUDA allocation; returns a note for the start-up log.
+    """
+    for name in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"):
+        if os.environ.get(name):
+            return f"CUDA allocator: {name}={os.environ[name]} (yours)"
+    if torch.cuda.is_initialized():
+        return "CUDA allocator: default (CUDA was started before shardtune could set expandable segments)"
+    os.environ["PYTORCH_CUDA_ALLOC_CONF"] = ALLOCATOR_SETTING
+    return f"CUDA allocator: PYTORCH_CUDA_ALLOC_CONF={ALLOCATOR_SETTING} (set PYTORCH_CUDA_ALLOC_CONF to override)"
+
+
 DEFAULT_TIMEOUT_S = 300.0  # a hung rank ends the job after 5 minutes (torch's own default is 10-30)
 PATIENT_TIMEOUT = datetime.timedelta(hours=2)  # waits for rank 0's one-rank work: tokenising, exporting
 

@@ -35,7 +35,7 @@ from torch.distributed.tensor import DTensor
 from shardtune.configs.fsdp import ShardingStrategy
 from shardtune.utils.config_utils import ConfigError, RunConfigs
 from shardtune.utils.distributed import DistInfo
-from shardtune.utils.logging import log, log_all
+from shardtune.observability.logging import log, log_all
 
 
 # ---------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 
 from shardtune.utils.config_utils import ConfigError
-from shardtune.utils.logging import log, warn
+from shardtune.observability.logging import log, warn
 
 # Dtype the *stored* weights get for each precision mode. Mixed modes keep fp32 master weights and
 # compute in bf16/fp16 (autocast or FSDP's MixedPrecisionPolicy); bf16_pure stores bf16 as the

@@ -6,7 +6,7 @@ from dataclasses import asdict
 import torch
 
 from shardtune.utils.config_utils import ConfigError, RunConfigs
-from shardtune.utils.logging import log, warn
+from shardtune.observability.logging import log, warn
 from shardtune.utils.model_utils import decoder_layers
 
 

@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 
 from shardtune.utils import distributed
-from shardtune.utils.logging import log
+from shardtune.observability.logging import log
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL (sysexits.h): a temporary failure, rerun to continue
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)

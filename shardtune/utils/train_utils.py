@@ -19,11 +19,11 @@ from tqdm import tqdm
 
 from shardtune.utils import distributed
 from shardtune.utils.config_utils import RunConfigs
-from shardtune.utils.logging import log
+from shardtune.observability.logging import log
 from shardtune.utils.loss import count_supervised_tokens
-from shardtune.utils.memory_utils import (GB, MemoryTracker, device_peak_allocated_bytes, device_peak_reserved_bytes,
+from shardtune.observability.memory import (GB, MemoryTracker, device_peak_allocated_bytes, device_peak_reserved_bytes,
                                          host_peak_rss_bytes)
-from shardtune.utils.metrics import MetricsWriter, StepObserver, format_step_line, perplexity
+from shardtune.observability.metrics import MetricsWriter, StepObserver, format_step_line, perplexity
 from shardtune.utils.rng import preserved_rng
 
 
@@ -63,8 +63,8 @@ class TrainContext:
     save_checkpoint: Optional[Callable[[TrainState, str], None]] = None
     # profiler, FLOP counter: .on_step_start(state), .on_step_end(state, record), .close() on every rank
     observers: List[StepObserver] = field(default_factory=list)
-    model_flops: Optional[object] = None  # utils/flop_utils.ModelFlops: analytic FLOPs for TFLOP/s and MFU
-    peak_tflops: Optional[float] = None   # accelerator dense bf16 peak (utils/mfu.py); None: no MFU
+    model_flops: Optional[object] = None  # observability/flops.ModelFlops: analytic FLOPs for TFLOP/s and MFU
+    peak_tflops: Optional[float] = None   # accelerator dense bf16 peak (observability/mfu.py); None: no MFU
     # resume mid-epoch: restores the checkpoint's RNG state once the epoch's data iterator exists
     # (creating it draws a seed from the global RNG, as it did before the checkpoint was taken)
     restore_rng: Optional[Callable[[], None]] = None

@@ -1,4 +1,4 @@
-"""Plot a metrics file: ``python -m shardtune.utils.plot_metrics output/metrics.jsonl [--out_dir D]``.
+"""Plot a metrics file: ``python -m shardtune.observability.plots output/metrics.jsonl [--out_dir D]``.
 
 Writes PNGs next to the file (or into --out_dir), named after it:
 
@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from shardtune.utils.metrics import perplexity
+from shardtune.observability.metrics import perplexity
 
 INSTALL = "pip install 'shardtune[tracking]'"
 
@@ -49,7 +49,7 @@ def load_series(path: Path) -> Dict[str, dict]:
         try:
             rec = json.loads(line)
         except json.JSONDecodeError:
-            raise SystemExit(f"plot_metrics: {path}:{n} is not a JSON line") from None
+            raise SystemExit(f"plots: {path}:{n} is not a JSON line") from None
         if rec.get("kind") == "train_step":
             steps[int(rec["step"])] = rec
         elif rec.get("kind") == "epoch":
@@ -69,18 +69,18 @@ def plot(path, out_dir=None) -> List[Path]:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise SystemExit(f"plot_metrics needs matplotlib, which is not installed: {INSTALL}") from None
+        raise SystemExit(f"plots needs matplotlib, which is not installed: {INSTALL}") from None
 
     path = Path(path)
     if not path.is_file():
-        raise SystemExit(f"plot_metrics: no such file: {path}")
+        raise SystemExit(f"plots: no such file: {path}")
     out_dir = Path(out_dir) if out_dir else path.parent
     out_dir.mkdir(parents=True, exist_ok=True)
     series = load_series(path)
     steps = sorted(series["step"].values(), key=lambda r: r["step"])
     epochs = sorted(series["epoch"].values(), key=lambda r: r["epoch"])
     if not steps and not epochs:
-        raise SystemExit(f"plot_metrics: {path} holds no train_step or epoch records")
+        raise SystemExit(f"plots: {path} holds no train_step or epoch records")
     written: List[Path] = []
 
     def save(fig, name: str) -> None:
@@ -147,7 +147,7 @@ def plot(path, out_dir=None) -> List[Path]:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m shardtune.utils.plot_metrics",
+    parser = argparse.ArgumentParser(prog="python -m shardtune.observability.plots",
                                      description="Plot loss and perplexity curves from a --save_metrics file.")
     parser.add_argument("file", nargs="?", help="metrics .jsonl (or the reference's metrics_data_*.json)")
     parser.add_argument("--file_path", help="same as FILE (the reference's flag)")

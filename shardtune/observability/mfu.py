@@ -1,7 +1,7 @@
 """Model FLOPs utilisation: the accelerator's dense bf16 peak, and MFU from achieved TFLOP/s.
 
 MFU = (analytic model FLOPs per step / step time, per GPU) / peak dense bf16 TFLOP/s of the GPU.
-The analytic FLOPs are defined in utils/flop_utils.py. Peaks are the datasheets' *dense* tensor-core
+The analytic FLOPs are defined in observability/flops.py. Peaks are the datasheets' *dense* tensor-core
 bf16 figures (datasheets print the 2:4-sparsity number, twice as large); they match torchtitan's
 ``get_peak_flops``. An unknown accelerator gets no MFU (TFLOP/s only) until --peak_tflops gives its peak;
 on CPU there is no meaningful peak, so only TFLOP/s is reported unless --peak_tflops is set.

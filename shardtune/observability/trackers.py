@@ -2,7 +2,7 @@
 
 Both are optional extras (``pip install 'shardtune[tracking]'``); :func:`check_trackers` runs before the
 model loads and turns a missing package into one ConfigError line. Trackers live on rank 0 only and are
-fed by MetricsWriter (utils/metrics.py): every ``train_step`` record becomes ``train/<field>`` scalars at
+fed by MetricsWriter (observability/metrics.py): every ``train_step`` record becomes ``train/<field>`` scalars at
 its step, every ``epoch`` record ``epoch/<field>`` (train) and ``eval/<field>`` scalars at the step where
 the epoch ended.
 """
@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Dict, List
 
 from shardtune.utils.config_utils import ConfigError, RunConfigs
-from shardtune.utils.logging import log
+from shardtune.observability.logging import log
 
 INSTALL = "pip install 'shardtune[tracking]'"
 _STEP_FIELDS = ("loss", "perplexity", "lr", "grad_norm", "tokens_per_s", "tflops", "mfu", "peak_mem_gb",

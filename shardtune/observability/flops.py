@@ -32,8 +32,8 @@ from torch import nn
 from tqdm import tqdm
 
 from shardtune.utils import distributed
-from shardtune.utils.logging import warn
-from shardtune.utils.metrics import StepObserver
+from shardtune.observability.logging import warn
+from shardtune.observability.metrics import StepObserver
 
 
 # ---------------------------------------------------------------------------------------------

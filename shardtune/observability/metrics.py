@@ -26,7 +26,7 @@ def perplexity(loss: float) -> float:
 
 class MetricsWriter:
     """Appends records to a JSONL file (``path`` None: no file) and hands each to the trackers
-    (utils/trackers.py: W&B, TensorBoard), which get ``write(kind, values)`` and ``close()``."""
+    (observability/trackers.py: W&B, TensorBoard), which get ``write(kind, values)`` and ``close()``."""
 
     def __init__(self, path: Optional[Path], trackers: Iterable[object] = ()):
         self.path = Path(path) if path else None

@@ -15,8 +15,8 @@ import torch
 
 from shardtune.utils import distributed
 from shardtune.utils.config_utils import ConfigError, RunConfigs
-from shardtune.utils.logging import log, warn
-from shardtune.utils.metrics import StepObserver
+from shardtune.observability.logging import log, warn
+from shardtune.observability.metrics import StepObserver
 
 
 def profiler_dir(run: RunConfigs) -> Path:
