@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from shardtune.utils import distributed
-from shardtune.utils.config_utils import (ConfigError, RunConfigs, dump_resolved, format_help, parse_cli,
+from shardtune.utils.config_utils import (ConfigError, RunConfigs, first_line, dump_resolved, format_help, parse_cli,
                                           resolve_compile, resolve_precision, save_resolved)
 from shardtune.utils.io import atomic_write_text, remove_new_files_on_error
 from shardtune.observability.logging import log, warn
@@ -370,7 +370,7 @@ def cli(argv=None) -> int:
             traceback.print_exc()
         else:
             where = f"[rank {distributed.info().rank}] " if distributed.info().world_size > 1 else ""
-            first = (str(exc).strip().splitlines() or [""])[0]
+            first = first_line(exc)
             what = distributed.describe_timeout(exc) or (
                 first if isinstance(exc, SaveError) else f"{type(exc).__name__}: {first} (--debug shows the traceback)")
             _say(f"error: {where}{what}")

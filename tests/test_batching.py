@@ -1,9 +1,7 @@
 """Samplers, collators and loaders for 1, 2 and 4 simulated ranks, and short real training runs."""
 from __future__ import annotations
 
-import json
 import random
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -11,8 +9,9 @@ import torch
 
 from shardtune.data.collate import PaddingCollator
 from shardtune.data.loader import build_dataloader
-from shardtune.data.sampler import DistributedLengthBasedBatchSampler, LengthBasedBatchSampler, RandomBatchSampler
+from shardtune.data.sampler import LengthBasedBatchSampler, RandomBatchSampler
 from shardtune.utils.loss import IGNORE_INDEX
+from test_fsdp_support import step_losses as _step_losses
 
 PAD = 0
 
@@ -29,8 +28,7 @@ def _samples(n: int, seed: int = 0) -> list:
 
 def _sampler(kind: str, data: list, batch_size: int, world: int, rank: int, shuffle: bool, seed: int = 3):
     if kind == "length":
-        return DistributedLengthBasedBatchSampler(data, batch_size, num_replicas=world, rank=rank, shuffle=shuffle,
-                                                  seed=seed)
+        return LengthBasedBatchSampler(data, batch_size, num_replicas=world, rank=rank, shuffle=shuffle, seed=seed)
     return RandomBatchSampler(len(data), batch_size, shuffle=shuffle, seed=seed, num_replicas=world, rank=rank)
 
 
@@ -185,11 +183,6 @@ def test_loader_settings_and_custom_collator_overrides_packing(capsys):
     prefix = build_dataloader(data, _TOKENIZER, _cfg("packing", use_peft=True, peft_method="prefix"), train=True)
     assert "attention_mask" in next(iter(prefix))  # padded batches: see data/loader.py for why
     assert "packing does not apply with --peft_method prefix" in capsys.readouterr().err
-
-
-def _step_losses(out_dir: Path) -> list:
-    (path,) = out_dir.glob("metrics_*.jsonl")
-    return [r["loss"] for r in map(json.loads, path.read_text().splitlines()) if r.get("kind") == "train_step"]
 
 
 @pytest.mark.parametrize("strategy", ["packing", "padding"])

@@ -57,11 +57,9 @@ def wait_for(condition, proc: subprocess.Popen, what: str) -> None:
 
 
 def steps_logged(out_dir: Path) -> int:
-    steps = [0]
-    for path in out_dir.glob("metrics_*.jsonl"):
-        steps += [json.loads(line)["step"] for line in path.read_text().splitlines()
-                  if line.endswith("}") and '"train_step"' in line]
-    return max(steps)
+    from shardtune.observability.metrics import read_metrics
+
+    return max([0] + [r["step"] for r in read_metrics(out_dir, "train_step")])
 
 
 def checkpoints(out_dir: Path) -> list:

@@ -141,13 +141,9 @@ def base_kwargs(model_dir, out_dir, **overrides) -> dict:
 
 def step_losses(out_dir) -> List[float]:
     """train_step losses from every metrics_*.jsonl in out_dir, in step order."""
-    records = []
-    for path in sorted(Path(out_dir).glob("metrics_*.jsonl")):
-        for line in path.read_text().splitlines():
-            rec = json.loads(line)
-            if rec.get("kind") == "train_step":
-                records.append(rec)
-    records.sort(key=lambda r: r["step"])
+    from shardtune.observability.metrics import read_metrics
+
+    records = sorted(read_metrics(out_dir, "train_step"), key=lambda r: r["step"])
     return [r["loss"] for r in records]
 
 

@@ -71,8 +71,7 @@ def test_hsdp_checkpoint_then_resume_auto(tiny_llama_dir, tmp_path):
     assert (out_dir / "checkpoints" / "fine-tuned" / "step_000002" / "state.json").is_file()
     second = _torchrun(common + ["--max_train_step", "3", "--resume_from", "auto"], out_dir)
     assert "--> resuming from" in second and "restored step 2" in second
-    steps = []
-    for path in out_dir.glob("metrics_*.jsonl"):
-        steps += [json.loads(line)["step"] for line in path.read_text().splitlines()
-                  if json.loads(line)["kind"] == "train_step"]
+    from shardtune.observability.metrics import read_metrics
+
+    steps = [r["step"] for r in read_metrics(out_dir, "train_step")]
     assert sorted(steps) == [1, 2, 3]

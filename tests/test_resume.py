@@ -11,11 +11,7 @@ from shardtune.utils.config_utils import ConfigError, parse_cli
 from test_fsdp_support import base_kwargs, run_ranks, step_losses
 
 
-def _records(out_dir, kind):
-    recs = []
-    for path in sorted(Path(out_dir).glob("metrics_*.jsonl")):
-        recs += [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [r for r in recs if r["kind"] == kind]
+from shardtune.observability.metrics import read_metrics as _records
 
 
 def _interrupted_vs_uninterrupted(tmp_path, model_dir, world, stop_at, total, resume_from="auto", **flags):

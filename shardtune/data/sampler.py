@@ -110,15 +110,6 @@ class LengthBasedBatchSampler(_EpochBatchSampler):
         return batches
 
 
-class DistributedLengthBasedBatchSampler(LengthBasedBatchSampler):
-    """The reference's name and argument order for the length-grouped sampler split over ranks."""
-
-    def __init__(self, data_source: Sequence, batch_size: int, num_replicas: int, rank: int, shuffle: bool = True,
-                 seed: int = 0, drop_last: bool = False):
-        super().__init__(data_source, batch_size, drop_last=drop_last, shuffle=shuffle, seed=seed,
-                         num_replicas=num_replicas, rank=rank)
-
-
 class RandomBatchSampler(_EpochBatchSampler):
     """Consecutive chunks of one random permutation (used for packed blocks, which all have one length).
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import List
 
 from shardtune.datasets.common import drop_empty, file_not_found, read_json_records
-from shardtune.utils.config_utils import ConfigError
+from shardtune.utils.config_utils import ConfigError, first_line
 
 PROMPT = "Summarize this dialog:\n{dialog}\n---\nSummary:\n"
 FLAG = "--samsum_dataset.data_path"
@@ -44,8 +44,7 @@ def _from_hub(hub_id: str, split: str) -> List[dict]:
     try:
         return list(datasets.load_dataset(hub_id, split=split))
     except Exception as exc:  # noqa: BLE001 - network, auth and missing-split errors become one line
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise ConfigError(f"{FLAG}: cannot load {hub_id!r} split {split!r} from the hub: {first}") from None
+        raise ConfigError(f"{FLAG}: cannot load {hub_id!r} split {split!r} from the hub: {first_line(exc)}") from None
 
 
 def load_examples(dataset_config, split: str) -> List[dict]:

@@ -46,7 +46,7 @@ from shardtune.model_checkpointing import integrity
 from shardtune.model_checkpointing.export import (SaveError, canonical_name, export_pretrained, is_peft_model,
                                                   read_export_info)
 from shardtune.utils import distributed
-from shardtune.utils.config_utils import ConfigError, RunConfigs
+from shardtune.utils.config_utils import ConfigError, RunConfigs, first_line
 from shardtune.utils.io import TMP_MARKER, atomic_write_text, replace_directory
 from shardtune.observability.logging import log, warn
 from shardtune.utils.rng import rng_state, set_rng_state
@@ -90,7 +90,7 @@ def try_read_state(path: Path):
     except FileNotFoundError:
         return None, f"{Path(path) / STATE_FILE} is missing (an incomplete save)"
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        return None, f"{Path(path) / STATE_FILE} is unreadable ({type(exc).__name__}: {distributed.first_line(exc)})"
+        return None, f"{Path(path) / STATE_FILE} is unreadable ({type(exc).__name__}: {first_line(exc)})"
 
 
 def is_complete(path: Path) -> bool:
@@ -223,11 +223,6 @@ def find_resume_point(run: RunConfigs, run_id: Optional[str] = None) -> Optional
 # ---------------------------------------------------------------------------------------------
 # Saving and loading
 # ---------------------------------------------------------------------------------------------
-def _process_group() -> bool:
-    """Whether collectives are available (single-process runs use DCP without a process group)."""
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
-
-
 @contextlib.contextmanager
 def quiet_single_process():
     """DCP warns on every save/load without a process group; for one process that is the intent."""
@@ -373,7 +368,7 @@ class Checkpointer:
         msd = self._model_state_for_saving(full=False)
         osd = get_optimizer_state_dict(self.model, self.optimizer, options=StateDictOptions())
         with quiet_single_process():
-            dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp), no_dist=not _process_group())
+            dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp), no_dist=not distributed.group_up())
         distributed.barrier()
         expected = set(msd)
 
@@ -501,7 +496,7 @@ class Checkpointer:
         expected = set(msd)
         target = {"model": msd, "optim": osd}
         with quiet_single_process():
-            dcp.load(target, checkpoint_id=str(path), no_dist=not _process_group())
+            dcp.load(target, checkpoint_id=str(path), no_dist=not distributed.group_up())
         result = set_state_dict(self.model, self.optimizer, model_state_dict=target["model"],
                                 optim_state_dict=target["optim"],
                                 options=StateDictOptions(ignore_frozen_params=True, strict=False))

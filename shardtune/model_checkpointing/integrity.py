@@ -18,6 +18,8 @@ from typing import Dict, List
 
 import torch.distributed as dist
 
+from shardtune.utils import distributed
+
 MANIFEST = "checksums.json"
 UNLISTED = {MANIFEST, "state.json"}
 _CHUNK = 16 << 20
@@ -39,7 +41,7 @@ def _listed_files(folder: Path) -> List[str]:
 
 def _spread(names: List[str], fn) -> Dict[str, object]:
     """fn(name) for every name, each rank taking every world-th one; the merged results on every rank."""
-    group = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    group = distributed.multi_rank()
     rank, world = (dist.get_rank(), dist.get_world_size()) if group else (0, 1)
     mine = {name: fn(name) for name in names[rank::world]}
     if not group:
@@ -56,7 +58,7 @@ def write_manifest(folder: Path, names: List[str] = None) -> None:
     if names is None:
         names = _listed_files(folder)
     digests = _spread(names, lambda name: file_digest(folder / name))
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:
+    if not distributed.group_up() or dist.get_rank() == 0:
         (folder / MANIFEST).write_text(json.dumps(digests, indent=0, sort_keys=True) + "\n", encoding="utf-8")
 
 

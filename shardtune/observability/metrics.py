@@ -51,9 +51,19 @@ class MetricsWriter:
         self.trackers = []
 
 
-def read_metrics(path) -> list:
-    with open(path, encoding="utf-8") as fh:
-        return [json.loads(line) for line in fh if line.strip()]
+def read_metrics(path, kind: str = None) -> list:
+    """The records of a metrics file, or of every ``metrics_*.jsonl`` in a folder (in name order, which is
+    start-time order: a resumed run appends a new file). ``kind`` keeps one kind ("train_step", "epoch").
+    A last line still being written (a live run) is skipped."""
+    from pathlib import Path
+
+    path = Path(path)
+    files = sorted(path.glob("metrics_*.jsonl")) if path.is_dir() else [path]
+    records = []
+    for file in files:
+        records += [json.loads(line) for line in file.read_text(encoding="utf-8").splitlines()
+                    if line.strip().endswith("}")]
+    return [r for r in records if kind is None or r.get("kind") == kind]
 
 
 class StepObserver:

@@ -67,11 +67,4 @@ def peak_tflops_for(device: torch.device, override: float = 0.0) -> Tuple[Option
     return peak, f"MFU against {name}'s dense bf16 peak of {peak:g} TFLOP/s"
 
 
-def mfu(tflops_per_gpu: float, peak_tflops: Optional[float]) -> Optional[float]:
-    """A fraction (0.41 = 41%), or None without a peak."""
-    if not peak_tflops:
-        return None
-    return tflops_per_gpu / peak_tflops
-
-
-__all__ = ["PEAK_BF16_TFLOPS", "lookup_peak_tflops", "peak_tflops_for", "mfu", "device_name"]
+__all__ = ["PEAK_BF16_TFLOPS", "lookup_peak_tflops", "peak_tflops_for", "device_name"]

@@ -86,8 +86,6 @@ class WandbTracker(_Tracker):
         data = scalars(kind, values)
         if data:
             self.run.log(data, step=self._step_of(values))
-        elif kind == "summary":
-            self.run.summary.update({k: v for k, v in values.items() if isinstance(v, (int, float, str))})
 
     def close(self) -> None:
         if self.run is not None:

@@ -39,6 +39,12 @@ class ConfigError(ValueError):
     """A user error in flags or config files. The message is one line meant for the terminal."""
 
 
+def first_line(exc: BaseException) -> str:
+    """An exception's message, first line only (or its type when it has none): what a one-line error quotes."""
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
 @dataclass
 class RunConfigs:
     """Every config of one run. ``peft`` and ``dataset`` are the ones selected by train_config."""
@@ -230,7 +236,7 @@ def load_config_file(path: str, run: RunConfigs) -> Dict[str, Any]:
 
             data = yaml.safe_load(text)
     except Exception as exc:  # noqa: BLE001 - any parse error becomes one line
-        raise ConfigError(f"--config: cannot parse {path}: {str(exc).splitlines()[0]}") from None
+        raise ConfigError(f"--config: cannot parse {path}: {first_line(exc)}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

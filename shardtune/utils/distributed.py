@@ -27,7 +27,7 @@ class DistInfo:
 
     @property
     def distributed(self) -> bool:
-        return self.world_size > 1 or (dist.is_available() and dist.is_initialized())
+        return self.world_size > 1 or group_up()
 
 
 _INFO = DistInfo()
@@ -135,21 +135,31 @@ def is_main() -> bool:
     return _INFO.is_main if _SET_UP else env_rank() == 0
 
 
+def group_up() -> bool:
+    """Whether a process group is initialised (a one-process run has none; DCP then works without one)."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def multi_rank() -> bool:
+    """Whether collectives reach other ranks: a process group with more than one rank."""
+    return group_up() and dist.get_world_size() > 1
+
+
 def barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
+    if group_up():
         dist.barrier(group=_PATIENT_GROUP)
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     """Sum a tensor over ranks (in place, returned for chaining). A no-op on one process."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if multi_rank():
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
 
 
 def broadcast_object(obj):
     """Rank 0's Python object, on every rank."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if multi_rank():
         box = [obj]
         dist.broadcast_object_list(box, src=0, group=_PATIENT_GROUP)
         return box[0]
@@ -163,8 +173,10 @@ def on_rank0(fn: Callable[[], object], what: str = "prepare the run"):
     If rank 0 fails, the other ranks raise too (a ConfigError stays a ConfigError, with rank 0's message)
     instead of waiting in a collective that rank 0 never reaches.
     """
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+    if not multi_rank():
         return fn()
+    from shardtune.utils.config_utils import first_line
+
     if dist.get_rank() == 0:
         try:
             result = fn()
@@ -183,15 +195,9 @@ def on_rank0(fn: Callable[[], object], what: str = "prepare the run"):
     return reply[1]
 
 
-def first_line(exc: BaseException) -> str:
-    """An exception's message, first line only (or its type when it has none)."""
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
-
-
 def abort() -> None:
     """Leave the process group after an error that every rank raised (no barrier: nothing more to agree on)."""
-    if dist.is_available() and dist.is_initialized():
+    if group_up():
         dist.destroy_process_group()
 
 
@@ -200,7 +206,7 @@ def cleanup() -> None:
     if _HEARTBEAT is not None:
         _HEARTBEAT.stop()
         _HEARTBEAT = None
-    if dist.is_available() and dist.is_initialized():
+    if group_up():
         dist.barrier()
         dist.destroy_process_group()
     _PATIENT_GROUP = None

@@ -34,6 +34,7 @@ from torch.distributed.tensor import DTensor
 
 from shardtune.configs.fsdp import ShardingStrategy
 from shardtune.utils.config_utils import ConfigError, RunConfigs
+from shardtune.utils import distributed
 from shardtune.utils.distributed import DistInfo
 from shardtune.observability.logging import log, log_all
 
@@ -238,7 +239,7 @@ def restore_non_persistent_buffers(model: nn.Module) -> None:
             if fresh is not None and isinstance(fresh._buffers.get(name), torch.Tensor):
                 with torch.no_grad():
                     buf.copy_(fresh._buffers[name].to(device=buf.device, dtype=buf.dtype))
-            elif dist.is_available() and dist.is_initialized():
+            elif distributed.group_up():
                 dist.broadcast(buf, src=0)
 
 

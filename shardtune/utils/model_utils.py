@@ -14,7 +14,7 @@ from typing import Optional
 
 import torch
 
-from shardtune.utils.config_utils import ConfigError
+from shardtune.utils.config_utils import ConfigError, first_line
 from shardtune.observability.logging import log, warn
 
 # Dtype the *stored* weights get for each precision mode. Mixed modes keep fp32 master weights and
@@ -52,11 +52,6 @@ class ModelSource:
         return {"gguf_file": self.gguf_file} if self.gguf_file else {}
 
 
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
-
-
 def load_model_config(src: ModelSource, flag: str = "--model_name"):
     """Read the model's config (cheap) and check it is a causal LM, before any weights are loaded."""
     from transformers import AutoConfig
@@ -65,7 +60,7 @@ def load_model_config(src: ModelSource, flag: str = "--model_name"):
     try:
         config = AutoConfig.from_pretrained(src.path, **src.kwargs())
     except Exception as exc:  # noqa: BLE001 - hub/network/format errors become one line
-        raise ConfigError(f"{flag}: cannot load a model config from {src.path!r}: {_one_line(exc)}") from None
+        raise ConfigError(f"{flag}: cannot load a model config from {src.path!r}: {first_line(exc)}") from None
     if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         raise ConfigError(f"{flag}: model type {config.model_type!r} is not a causal language model "
                           f"(AutoModelForCausalLM cannot load it)")
@@ -89,7 +84,7 @@ def check_weight_files(src: ModelSource, flag: str = "--model_name") -> None:
             data_end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"),
                            default=0)
         except (ValueError, KeyError, TypeError, IndexError) as exc:
-            raise ConfigError(f"{flag}: {path} is not a valid safetensors file ({_one_line(exc)}); re-download or "
+            raise ConfigError(f"{flag}: {path} is not a valid safetensors file ({first_line(exc)}); re-download or "
                               "re-save the model") from None
         if 8 + header_len + data_end > size:
             raise ConfigError(f"{flag}: {path} is truncated ({size} bytes of {8 + header_len + data_end}); "
@@ -117,7 +112,7 @@ def load_tokenizer(name: str, flag: str = "--tokenizer_name"):
     try:
         tok = AutoTokenizer.from_pretrained(src.path, **src.kwargs())
     except Exception as exc:  # noqa: BLE001
-        raise ConfigError(f"{flag}: cannot load a tokenizer from {name!r}: {_one_line(exc)}") from None
+        raise ConfigError(f"{flag}: cannot load a tokenizer from {name!r}: {first_line(exc)}") from None
     if tok.pad_token_id is None:  # None, not falsy: pad id 0 is a valid pad token
         tok.pad_token = tok.eos_token
     tok.padding_side = "right"
@@ -204,12 +199,6 @@ def maybe_resize_embeddings(model, tokenizer) -> None:
     if len(tokenizer) > rows:
         warn(f"tokenizer has {len(tokenizer)} tokens but the embedding has {rows} rows; resizing the embedding")
         model.resize_token_embeddings(len(tokenizer))
-
-
-def count_parameters(model) -> tuple[int, int]:
-    total = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return total, trainable
 
 
 def decoder_layers(model) -> list:

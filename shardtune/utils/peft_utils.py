@@ -5,7 +5,7 @@ from dataclasses import asdict
 
 import torch
 
-from shardtune.utils.config_utils import ConfigError, RunConfigs
+from shardtune.utils.config_utils import ConfigError, RunConfigs, first_line
 from shardtune.observability.logging import log, warn
 from shardtune.utils.model_utils import decoder_layers
 
@@ -63,9 +63,8 @@ def apply_peft(model, run: RunConfigs):
         try:
             model = PeftModel.from_pretrained(model, t.from_peft_checkpoint, is_trainable=True)
         except Exception as exc:  # noqa: BLE001
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise ConfigError(f"--from_peft_checkpoint: cannot load an adapter from {t.from_peft_checkpoint!r}: "
-                              f"{first}") from None
+                              f"{first_line(exc)}") from None
         log(f"--> continuing from adapter {t.from_peft_checkpoint}")
     else:
         model = get_peft_model(model, build_peft_config(run, model))

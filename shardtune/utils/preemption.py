@@ -64,7 +64,7 @@ class StopRequest:
     def agreed_signal(self, device: torch.device) -> int:
         """Collective, once per step: the signal any rank received (0: none), the same on every rank."""
         flag = torch.tensor([self.signum], dtype=torch.int32, device=device)
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if distributed.group_up():
             torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
         return int(flag.item())
 
