@@ -12,12 +12,13 @@ import sys
 import time
 import traceback
 from pathlib import Path
+from typing import Optional
 
 import torch
 
 from shardtune.utils import distributed
-from shardtune.utils.config_utils import (ConfigError, RunConfigs, first_line, dump_resolved, format_help, parse_cli,
-                                          resolve_compile, resolve_precision, save_resolved)
+from shardtune.utils.config_utils import (ConfigError, RunConfigs, first_line, parse_cli, resolve_compile,
+                                          resolve_precision, save_resolved)
 from shardtune.utils.io import atomic_write_text, remove_new_files_on_error
 from shardtune.observability.logging import log, warn
 from shardtune.utils.preemption import PREEMPTED_EXIT_CODE, Preempted
@@ -125,7 +126,7 @@ def main(**kwargs) -> dict:
             + ", ".join(f"{k.split('.')[-1]}={v}" for k, v in DEMO_PRESET.items()) + " (flags override)")
     log(f"--> device {device} x {dist_info.world_size} process(es), precision {precision}"
         + (f"; {allocator_note}" if device.type == "cuda" else ""))
-    if t.enable_fsdp and dist_info.distributed:
+    if t.enable_fsdp:
         from shardtune.utils.fsdp_utils import check_fsdp_config
 
         check_fsdp_config(run, dist_info)  # mesh sizes, CPU offload: one-line errors before anything is loaded
@@ -142,7 +143,10 @@ def main(**kwargs) -> dict:
     if distributed.is_main():
         lock_new_output_dir(run_dir)
         save_resolved(run, output_dir / "run_config.yaml")
-    log(f"--> resolved config (also in {output_dir / 'run_config.yaml'}):\n{dump_resolved(run)}")
+    from shardtune.utils.config_help import format_changed_settings
+
+    log(f"--> settings that differ from the defaults (the full config is in {output_dir / 'run_config.yaml'}):\n"
+        f"{format_changed_settings(run)}")
 
     # 4. Model: load, adapt (PEFT / freezing), wrap for the loss, then shard or move to the device.
     from shardtune.utils.loss import CausalLMWithLoss
@@ -319,20 +323,38 @@ def _say(line: str) -> None:
     sys.stderr.flush()
 
 
-def _print_help() -> None:
+def _help_topic(argv) -> Optional[str]:
+    """``--help fsdp_config`` / ``--help=fsdp_config``: the config to show alone (None: everything)."""
+    for i, token in enumerate(argv):
+        name, eq, value = token.partition("=")
+        if name in ("-h", "--help", "-help"):
+            if eq:
+                return value
+            return argv[i + 1] if i + 1 < len(argv) and not argv[i + 1].startswith("-") else None
+    return None
+
+
+def _print_help(topic: Optional[str]) -> int:
+    from shardtune.utils.config_help import format_help
+
     try:
-        print(format_help(), flush=True)
+        text = format_help(topic)
+    except ConfigError as exc:
+        _say(f"error: {exc}")
+        return 2
+    try:
+        print(text, flush=True)
     except BrokenPipeError:  # `--help | head`: the reader left; send the rest (and the exit flush) nowhere
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 0
 
 
 def cli(argv=None) -> int:
-    """Console entry: ``--help`` prints every config field. A ConfigError prints one line (rank 0) and exits
+    """Console entry: ``--help [CONFIG]`` prints the usage and every config's fields (or one config's). A ConfigError prints one line (rank 0) and exits
     2; any other error prints one line per rank and exits 1. ``--debug`` prints the traceback instead."""
     argv = sys.argv[1:] if argv is None else argv
-    if any(a in ("-h", "--help", "-help") for a in argv):
-        _print_help()
-        return 0
+    if any(a.partition("=")[0] in ("-h", "--help", "-help") for a in argv):
+        return _print_help(_help_topic(argv))
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     names = _flag_names(argv)

@@ -95,6 +95,12 @@ CASES = [
     ("low_cpu_no_fsdp", ["--low_cpu_fsdp"], "--low_cpu_fsdp needs --enable_fsdp"),
     ("peft_checkpoint_no_peft", ["--from_peft_checkpoint", "x"], "--from_peft_checkpoint needs --use_peft"),
     ("flops_and_profiler", ["--flop_counter", "--use_profiler"], "cannot be combined"),
+    ("cpu_offload_one_process", ["--enable_fsdp", "--fsdp_config.fsdp_cpu_offload", "True"],
+     "--fsdp_config.fsdp_cpu_offload has no effect in a single process (nothing is sharded): launch with torchrun"),
+    ("strategy_one_process", ["--enable_fsdp", "--sharding_strategy", "SHARD_GRAD_OP"],
+     "--fsdp_config.sharding_strategy has no effect in a single process"),
+    # reference fields whose feature shardtune lacks
+    ("freeze_llm_only", ["--freeze_LLM_only", "True"], "--freeze_LLM_only is not supported: shardtune fine-tunes"),
     # the output folder
     ("output_empty", ["--output_dir", ""], "--output_dir: empty"),
     ("output_is_file", ["--output_dir", "{a_file}"], "is a file, not a folder"),

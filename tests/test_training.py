@@ -241,3 +241,25 @@ def test_use_fast_kernels_trains_like_eager_attention(tiny_llama_dir, tmp_path, 
     fast, eager = _step_losses(tmp_path / "fast"), _step_losses(tmp_path / "eager")
     assert len(fast) == 3 and fast[-1] < fast[0]
     assert fast == pytest.approx(eager, abs=1e-5)
+
+
+def test_activation_checkpointing_applies_in_a_single_process(tiny_llama_dir, tmp_path, capsys):
+    """The default fsdp_activation_checkpointing=True acts without torchrun too (the reference ignored it there),
+    prints so, and changes no loss; the run prints only the settings that differ from the defaults."""
+    common = dict(model_name=str(tiny_llama_dir), max_train_step=2, save_model=False, **QUICK)
+    main(output_dir=str(tmp_path / "ac"), **common)
+    out = capsys.readouterr().out
+    assert "--> activation checkpointing on (each decoder layer recomputed in backward)" in out
+    main(output_dir=str(tmp_path / "plain"), **{"fsdp_config.fsdp_activation_checkpointing": False}, **common)
+    out_plain = capsys.readouterr().out
+    assert "activation checkpointing on" not in out_plain
+    assert _step_losses(tmp_path / "ac") == pytest.approx(_step_losses(tmp_path / "plain"), abs=1e-6)
+    # Only what differs from the defaults is printed; the whole config is saved.
+    printed = out_plain.split("settings that differ from the defaults")[1].split("\n--> ")[0]
+    assert "fsdp_activation_checkpointing: false" in printed and "max_train_step: 2" in printed
+    assert "num_epochs: 1" in printed and "seed:" not in printed and "sharding_strategy" not in printed
+    assert len(printed.strip().splitlines()) < 15
+    import yaml
+
+    saved = yaml.safe_load((tmp_path / "plain" / "run_config.yaml").read_text())
+    assert saved["train_config"]["seed"] == 42 and saved["fsdp_config"]["sharding_strategy"] == "FULL_SHARD"

@@ -12,6 +12,8 @@ from shardtune.configs.paths import BUNDLED_ALPACA_SAMPLE
 
 @dataclass
 class samsum_dataset:
+    """SAMSum dialogue summarisation (--dataset samsum_dataset), from a local folder or the hub."""
+
     dataset: str = doc("samsum_dataset", "Data set name (fixed).")
     data_path: str = doc("knkarthick/samsum", "A local folder holding train.json / val.json / test.json of the "
                                               "SAMSum corpus (e.g. data/samsum), or a Hugging Face hub id (needs "
@@ -23,6 +25,8 @@ class samsum_dataset:
 
 @dataclass
 class grammar_dataset:
+    """Grammar correction pairs from CSV files (--dataset grammar_dataset)."""
+
     dataset: str = doc("grammar_dataset", "Data set name (fixed).")
     train_split: str = doc("data/grammar/gtrain_10k.csv", "CSV with input,target columns for training "
                                                           "(made by llama-recipes' grammar_dataset_process "
@@ -33,6 +37,8 @@ class grammar_dataset:
 
 @dataclass
 class alpaca_dataset:
+    """Stanford Alpaca instructions (--dataset alpaca_dataset, the default; a sample ships with the package)."""
+
     dataset: str = doc("alpaca_dataset", "Data set name (fixed).")
     data_path: str = doc(str(BUNDLED_ALPACA_SAMPLE), "Stanford Alpaca JSON (a list of instruction/input/output "
                                                      "records). Default: a 2,000-record sample bundled with the "
@@ -44,6 +50,8 @@ class alpaca_dataset:
 
 @dataclass
 class custom_dataset:
+    """Your own Python function that returns the data set (--dataset custom_dataset)."""
+
     dataset: str = doc("custom_dataset", "Data set name (fixed).")
     file: str = doc("custom_dataset.py", "Python file defining get_custom_dataset(dataset_config, tokenizer, "
                                          "split); 'file.py:function' names another function.")
@@ -56,6 +64,8 @@ class custom_dataset:
 
 @dataclass
 class chat_dataset:
+    """Chat records rendered with the tokenizer's chat template (--dataset chat_dataset)."""
+
     dataset: str = doc("chat_dataset", "Data set name (fixed).")
     data_path: str = doc("data/chat.jsonl", "JSON or JSONL file of records with 'messages' (list of {role, content}) "
                                             "or 'prompt'/'completion' pairs, rendered with the tokenizer's chat "

@@ -25,6 +25,8 @@ class StateDictType(Enum):
 
 @dataclass
 class fsdp_config:
+    """Sharding (FSDP2 under torchrun), its mesh and numerics, activation checkpointing, checkpoint type, optimizer."""
+
     mixed_precision: bool = doc(True, "Use mixed precision under FSDP (bf16 compute, fp32 master weights and fp32 "
                                       "gradient reduction) when the device supports bf16.")
     use_fp16: bool = doc(False, "fp16 compute with a sharded gradient scaler instead of bf16.")
@@ -38,13 +40,15 @@ class fsdp_config:
     checkpoint_type: StateDictType = doc(StateDictType.SHARDED_STATE_DICT,
                                          "SHARDED_STATE_DICT (torch.distributed.checkpoint, resumable) or "
                                          "FULL_STATE_DICT (a Hugging Face folder gathered on rank 0).")
-    fsdp_activation_checkpointing: bool = doc(True, "Recompute each decoder layer's activations in backward "
-                                                    "(non-reentrant), applied once.")
+    fsdp_activation_checkpointing: bool = doc(True, "Recompute layers in backward, sharded or not. Each "
+                                                    "decoder layer's activations are recomputed (non-reentrant) in "
+                                                    "every run: under FSDP, on one GPU and on CPU alike.")
     ac_every_n_layers: int = doc(1, "With fsdp_activation_checkpointing: checkpoint every n-th decoder layer only "
                                     "(1: all, as the reference; 2: every second layer, about half the recompute "
                                     "for about half the activation memory of the others).", valid="[1, inf)")
     fsdp_cpu_offload: bool = doc(False, "Keep sharded parameters, gradients and optimizer state in host memory "
-                                        "(GPU runs only).")
+                                        "(sharded GPU runs under torchrun with --enable_fsdp only; refused "
+                                        "elsewhere).")
     pure_bf16: bool = doc(False, "bf16 parameters, gradients and optimizer state (no fp32 master weights).")
     optimizer: str = doc("AdamW", "'AdamW' (torch, fused where supported) or 'anyprecision' (AnyPrecisionAdamW with "
                                   "bf16 moments; use with pure_bf16).")

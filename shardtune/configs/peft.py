@@ -7,6 +7,8 @@ from shardtune.configs._field import doc
 
 @dataclass
 class lora_config:
+    """LoRA adapters (--use_peft --peft_method lora), mapped onto peft's LoraConfig."""
+
     r: int = doc(8, "LoRA rank.", valid="[1, inf)")
     lora_alpha: int = doc(32, "LoRA scaling numerator (scale = lora_alpha / r).", valid="(0, inf)")
     target_modules: List[str] = doc(["q_proj", "v_proj"], "Module names that get adapters, e.g. "
@@ -20,6 +22,8 @@ class lora_config:
 
 @dataclass
 class llama_adapter_config:
+    """LLaMA-Adapter (--peft_method llama_adapter), mapped onto peft's AdaptionPromptConfig."""
+
     adapter_len: int = doc(10, "Learned prompt tokens per adapted layer.", valid="[1, inf)")
     adapter_layers: int = doc(30, "Number of top decoder layers that get adapters (capped at the model's depth, "
                                   "with a warning).", valid="[1, inf)")
@@ -28,5 +32,7 @@ class llama_adapter_config:
 
 @dataclass
 class prefix_config:
+    """Prefix tuning (--peft_method prefix), mapped onto peft's PrefixTuningConfig."""
+
     num_virtual_tokens: int = doc(30, "Virtual prefix tokens per layer.", valid="[1, inf)")
     task_type: str = doc("CAUSAL_LM", "PEFT task type.")

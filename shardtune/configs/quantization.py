@@ -8,6 +8,8 @@ from shardtune.configs._field import doc
 
 @dataclass
 class quantization_config:
+    """bitsandbytes settings of the base model's quantization (with --quantization 4bit or 8bit)."""
+
     quant_type: str = doc("fp4", "4-bit data type: 'fp4' or 'nf4'.")
     compute_dtype: torch.dtype = doc(torch.bfloat16, "Compute dtype of the 4-bit layers (bfloat16, float16 or "
                                                      "float32).")

@@ -12,6 +12,8 @@ from shardtune.configs.paths import BUNDLED_MODEL_DIR
 
 @dataclass
 class train_config:
+    """The run itself: model, data, batching, optimisation, precision, PEFT switch, outputs and checkpoints."""
+
     # ---- model -------------------------------------------------------------------------------
     model_name: str = doc(str(BUNDLED_MODEL_DIR),
                           "Hugging Face hub id or local directory of a causal LM. Default: the tiny Llama that "
@@ -37,8 +39,10 @@ class train_config:
     freeze_layers: bool = doc(False, "Freeze the first num_freeze_layers decoder layers (full fine-tuning).")
     num_freeze_layers: int = doc(1, "How many decoder layers freeze_layers freezes, counted from the input.",
                                  valid="[0, inf)")
-    freeze_LLM_only: bool = doc(False, "Vision models only (mllama): freeze the language model except its "
-                                       "cross-attention layers.")
+    freeze_LLM_only: bool = doc(False, "The reference's switch for vision models (mllama): freeze the language model "
+                                       "except its cross-attention layers.",
+                                unsupported="shardtune fine-tunes text-only causal LMs; use --freeze_layers or "
+                                            "--use_peft to train part of a model")
     # ---- data --------------------------------------------------------------------------------
     dataset: str = doc("alpaca_dataset", "Data set name: alpaca_dataset, grammar_dataset, samsum_dataset, "
                                          "custom_dataset or chat_dataset. Default alpaca_dataset on the bundled "
@@ -86,8 +90,9 @@ class train_config:
     output_dir: str = doc("output", "Where adapters, full models, metrics and the resolved config are written "
                                     "(the reference's default was the placeholder 'PATH/to/save/PEFT/model').")
     save_model: bool = doc(True, "Save the trained adapter / model.")
-    save_optimizer: bool = doc(False, "Also save optimizer state with FSDP checkpoints (resume checkpoints always "
-                                      "include it).")
+    save_optimizer: bool = doc(False, "Ignored: every checkpoint holds the optimizer state.",
+                               deprecated="every checkpoint already holds the optimizer state, so that it resumes "
+                                          "exactly")
     dist_checkpoint_root_folder: str = doc("", "Root folder of FSDP checkpoints; default '<output_dir>/checkpoints' "
                                                "(the reference's default was a placeholder path).")
     dist_checkpoint_folder: str = doc("fine-tuned", "Sub-folder name of FSDP checkpoints. The model name is never "

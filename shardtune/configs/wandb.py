@@ -7,6 +7,8 @@ from shardtune.configs._field import doc
 
 @dataclass
 class wandb_config:
+    """Weights & Biases settings (with --use_wandb), passed to wandb.init."""
+
     project: str = doc("shardtune", "W&B project (the reference's default was 'llama_cookbook').")
     entity: Optional[str] = doc(None, "W&B team or user.")
     job_type: Optional[str] = doc(None, "W&B job type.")

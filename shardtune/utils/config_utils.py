@@ -1,6 +1,6 @@
 """Command line and config file -> typed, validated configs.
 
-Rules (also printed by ``--help``):
+Rules (``--help`` prints them short; utils/config_help.py):
 
 * ``--field value`` sets a field by its plain name. When several configs have a field of that name, the
   **first** config in this order gets it: train_config, fsdp_config, the active PEFT config
@@ -329,6 +329,22 @@ def check_ranges(run: RunConfigs) -> None:
                 raise ConfigError(f"{_flag(name, f.name)}: must be in {interval}, got {value}")
 
 
+def check_retired_fields(run: RunConfigs) -> None:
+    """Reference fields shardtune keeps only so that old commands parse (configs/_field.py): an unsupported
+    one that is set stops the run with one line; a deprecated one that is set prints one warning line."""
+    from shardtune.observability.logging import warn
+
+    for name, cfg in run.by_name().items():
+        defaults = type(cfg)()
+        for f in fields(cfg):
+            if getattr(cfg, f.name) == getattr(defaults, f.name):
+                continue
+            if f.metadata.get("unsupported"):
+                raise ConfigError(f"{_flag(name, f.name)} is not supported: {f.metadata['unsupported']}")
+            if f.metadata.get("deprecated"):
+                warn(f"{_flag(name, f.name)} is deprecated and has no effect: {f.metadata['deprecated']}")
+
+
 def check_output_dir(path_text: str) -> None:
     """The output folder must be creatable: checked without creating anything."""
     if not path_text.strip():
@@ -360,6 +376,7 @@ def validate(run: RunConfigs) -> None:
             raise ConfigError(msg)
 
     check_ranges(run)
+    check_retired_fields(run)
     need(t.dataset in run.dataset_configs,
          f"--dataset: unknown data set {t.dataset!r}; valid: {', '.join(run.dataset_configs)}")
     need(t.peft_method in run.peft_configs,
@@ -439,42 +456,6 @@ def resolve_precision(run: RunConfigs, device: torch.device) -> str:
     return "fp32"
 
 
-# ---------------------------------------------------------------------------------------------
-# --help
-# ---------------------------------------------------------------------------------------------
-def format_help() -> str:
-    run = RunConfigs()
-    lines = ["usage: finetuning.py [--config FILE] [--field VALUE ...] [--config_name.field VALUE ...]", ""]
-    lines += [ln.strip() for ln in __doc__.strip().splitlines()[2:]]
-    for name, cfg in run.by_name().items():
-        doc_line = (type(cfg).__doc__ or "").strip().splitlines()[0] if type(cfg).__doc__ else ""
-        lines += ["", f"{name}: {doc_line}"]
-        types = _field_types(cfg)
-        for f in fields(cfg):
-            default = _plain(getattr(cfg, f.name))
-            lines.append(f"  --{f.name} ({_short_type(types[f.name])}, default {default!r})")
-            text = f.metadata.get("help", "")
-            if f.metadata.get("valid"):
-                text += f" Valid: {f.metadata['valid']}."
-            if f.metadata.get("deprecated"):
-                text += f" Deprecated: {f.metadata['deprecated']}."
-            lines.append(f"      {text}")
-    return "\n".join(lines)
-
-
-def _short_type(tp) -> str:
-    if isinstance(tp, type) and issubclass(tp, enum.Enum):
-        return "|".join(m.name for m in tp)
-    origin = typing.get_origin(tp)
-    if origin is typing.Union:
-        return _short_type([a for a in typing.get_args(tp) if a is not type(None)][0]) + "?"
-    if origin in (list, List):
-        return "list"
-    if tp is torch.dtype:
-        return "dtype"
-    return getattr(tp, "__name__", str(tp))
-
-
 def save_resolved(run: RunConfigs, path: Path) -> None:
     """Write the resolved config as YAML (readable back with --config)."""
     import yaml
@@ -484,12 +465,5 @@ def save_resolved(run: RunConfigs, path: Path) -> None:
     atomic_write_text(path, yaml.safe_dump(run.to_dict(), sort_keys=False))
 
 
-def dump_resolved(run: RunConfigs) -> str:
-    import yaml
-
-    return yaml.safe_dump(run.to_dict(), sort_keys=False).rstrip()
-
-
-__all__ = ["ConfigError", "RunConfigs", "parse_cli", "validate", "coerce", "format_help", "resolve_precision",
-           "resolve_compile",
-           "save_resolved", "dump_resolved"]
+__all__ = ["ConfigError", "first_line", "RunConfigs", "parse_cli", "validate", "coerce", "resolve_precision",
+           "resolve_compile", "save_resolved"]

@@ -90,7 +90,19 @@ def plan_mesh(run: RunConfigs, world_size: int, node_size: Optional[int] = None)
 
 def check_fsdp_config(run: RunConfigs, dist_info: DistInfo) -> None:
     """Everything about sharding that can fail on user input; call before the weights are read."""
-    if not (run.train.enable_fsdp and dist_info.distributed):
+    if not run.train.enable_fsdp:
+        return  # config_utils.validate already refused the FSDP-only options
+    if not dist_info.distributed:
+        # --enable_fsdp in one process trains without sharding (activation checkpointing still applies): an
+        # option that only a sharded run uses would be silently ignored, so it is refused instead.
+        from shardtune.configs.fsdp import fsdp_config
+        from shardtune.utils.config_utils import FSDP_ONLY
+
+        defaults = fsdp_config()
+        for name in FSDP_ONLY:
+            if getattr(run.fsdp, name) != getattr(defaults, name):
+                raise ConfigError(f"--fsdp_config.{name} has no effect in a single process (nothing is sharded): "
+                                  "launch with torchrun --nproc_per_node N, or drop it")
         return
     if run.fsdp.fsdp_cpu_offload and dist_info.device.type != "cuda":
         raise ConfigError("--fsdp_config.fsdp_cpu_offload needs CUDA GPUs (it keeps shards in host memory and moves "
