@@ -17,8 +17,9 @@ from typing import Optional
 import torch
 
 from shardtune.utils import distributed
+from shardtune.utils import precision as P
 from shardtune.utils.config_utils import (ConfigError, RunConfigs, first_line, parse_cli, resolve_compile,
-                                          resolve_precision, save_resolved)
+                                          save_resolved)
 from shardtune.utils.io import atomic_write_text, remove_new_files_on_error
 from shardtune.observability.logging import log, warn
 from shardtune.utils.preemption import PREEMPTED_EXIT_CODE, Preempted
@@ -42,22 +43,15 @@ def build_optimizer(model: torch.nn.Module, run: RunConfigs, device: torch.devic
     return torch.optim.AdamW(groups, lr=t.lr, fused=device.type == "cuda")
 
 
-def autocast_for(precision: str, device: torch.device, sharded: bool):
-    """Autocast for mixed precision without FSDP; FSDP casts parameters itself (MixedPrecisionPolicy)."""
-    if sharded or precision not in ("bf16_mixed", "fp16_mixed"):
-        return contextlib.nullcontext
-    dtype = torch.bfloat16 if precision == "bf16_mixed" else torch.float16
-    return lambda: torch.autocast(device.type, dtype=dtype)
-
-
 def build_data(run: RunConfigs, tokenizer, dist_info):
     """Tokenised train / eval samples and their loaders; checks that a batch fits the training set."""
     from shardtune.data.loader import build_dataloader, check_batch_fits
     from shardtune.datasets import get_custom_data_collator, get_preprocessed_dataset
 
     t = run.train
-    train_samples = get_preprocessed_dataset(tokenizer, run.dataset, "train", t)
-    eval_samples = get_preprocessed_dataset(tokenizer, run.dataset, "val", t) if t.run_validation else None
+    train_samples = get_preprocessed_dataset(tokenizer, run.dataset, "train", t, rank=dist_info.rank)
+    eval_samples = (get_preprocessed_dataset(tokenizer, run.dataset, "val", t, rank=dist_info.rank)
+                    if t.run_validation else None)
     collate = get_custom_data_collator(tokenizer, run.dataset)
     train_loader = build_dataloader(train_samples, tokenizer, t, train=True, rank=dist_info.rank,
                                     world_size=dist_info.world_size, collate_fn=collate)
@@ -111,7 +105,7 @@ def main(**kwargs) -> dict:
     dist_info = distributed.setup(t.enable_fsdp, t.dist_timeout_s)
     device = dist_info.device
     seed_everything(t.seed)
-    precision = resolve_precision(run, device)
+    precision = P.resolve(run, device)  # one mode; utils/precision.py says what it implies
     output_dir = Path(t.output_dir)
     from shardtune.model_checkpointing.output_dir import (claim_output_dir, lock_new_output_dir, release_locks,
                                                          start_run)
@@ -132,7 +126,7 @@ def main(**kwargs) -> dict:
         check_fsdp_config(run, dist_info)  # mesh sizes, CPU offload: one-line errors before anything is loaded
     from shardtune.model_checkpointing.checkpoint import find_resume_point
 
-    resume = find_resume_point(run, run_dir.previous_run_id)  # --resume_from DIR | auto; None: from scratch
+    resume = find_resume_point(run, run_dir.previous_run_id, dist_info.world_size)  # --resume_from DIR | auto; None: from scratch
     run_id = (resume.info.get("run_id") or run_dir.run_id) if resume else run_dir.run_id
 
     # 3. Data (file errors surface here, before the weights are read). A data error removes the tokenised
@@ -148,40 +142,26 @@ def main(**kwargs) -> dict:
     log(f"--> settings that differ from the defaults (the full config is in {output_dir / 'run_config.yaml'}):\n"
         f"{format_changed_settings(run)}")
 
-    # 4. Model: load, adapt (PEFT / freezing), wrap for the loss, then shard or move to the device.
+    # 4. Model: build (load, adapt with PEFT / freezing), wrap for the loss, then shard or move to the device.
     from shardtune.utils.loss import CausalLMWithLoss
-    from shardtune.utils.model_utils import freeze_first_layers, load_model, maybe_resize_embeddings
+    from shardtune.utils.model_builder import WeightSource, build_model
 
     bnb_config = run.quantization.create_bnb_config(t.quantization) if t.quantization else None
     meta = t.low_cpu_fsdp and not dist_info.is_main
-    # A FULL_STATE_DICT checkpoint brings its own weights: a Hugging Face folder, or a PEFT adapter folder.
-    weights = str(resume.model_dir) if resume and resume.model_dir else t.model_name
-    if resume and resume.adapter_dir:
-        t.from_peft_checkpoint = str(resume.adapter_dir)
+    # A FULL_STATE_DICT checkpoint brings its own weights (a Hugging Face folder, or a PEFT adapter folder):
+    # run state, kept out of the config so that later checkpoints' run_config.yaml never points into one.
+    source = WeightSource.for_run(run, resume)
     export_dtype = getattr(model_config, "dtype", None) or torch.float32
     if isinstance(export_dtype, str):
         export_dtype = getattr(torch, export_dtype)
     # Sharded on GPUs: read the checkpoint's dtype; shard_model upcasts one FSDP unit at a time on the GPU,
     # so no rank holds an fp32 copy of the whole model in host memory.
     upcast_on_gpu = (t.enable_fsdp and dist_info.distributed and device.type == "cuda" and not t.low_cpu_fsdp
-                     and not run.fsdp.fsdp_cpu_offload and bnb_config is None and weights == t.model_name)
+                     and not run.fsdp.fsdp_cpu_offload and bnb_config is None and source.model == t.model_name)
     from shardtune.data.loader import is_packed
 
-    lm = load_model(weights, precision, device, use_fast_kernels=t.use_fast_kernels, bnb_config=bnb_config,
-                    meta=meta, attn_implementation=t.attn_implementation,
-                    prompt_learning=t.use_peft and t.peft_method == "prefix",
-                    packing=is_packed(train_loader),
-                    dtype=export_dtype if upcast_on_gpu else None)
-    if not meta:
-        maybe_resize_embeddings(lm, tokenizer)
-    elif len(tokenizer) > lm.get_input_embeddings().weight.shape[0]:  # shapes only: rank 0 broadcasts values
-        lm.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-    if t.freeze_layers and not t.use_peft:
-        freeze_first_layers(lm, t.num_freeze_layers)
-    if t.use_peft:
-        from shardtune.utils.peft_utils import apply_peft
-
-        lm = apply_peft(lm, run)
+    lm = build_model(run, source, precision, device, tokenizer, meta=meta, packing=is_packed(train_loader),
+                     dtype=export_dtype if upcast_on_gpu else None, bnb_config=bnb_config)
     model = CausalLMWithLoss(lm)
     if resolve_compile(run, device):
         from shardtune.policies.compile import compile_decoder_layers
@@ -213,7 +193,7 @@ def main(**kwargs) -> dict:
     # 5. Optimizer, schedule, precision helpers.
     optimizer = build_optimizer(model, run, device)
     lr_scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=t.gamma)
-    scaler = torch.amp.GradScaler(device.type) if precision == "fp16_mixed" else None
+    scaler = P.grad_scaler(precision, device)
 
     # 6. Train.
     from shardtune.model_checkpointing.checkpoint import Checkpointer
@@ -239,12 +219,14 @@ def main(**kwargs) -> dict:
         from shardtune.policies.activation_checkpointing import checkpointed_fraction
 
         observers.append(FlopCounter(t.flop_counter_start, device, model_flops, peak_tflops,
-                                     recomputes_layers=checkpointed_fraction(model)))
+                                     recomputes_layers=checkpointed_fraction(model),
+                                     world_size=dist_info.world_size, is_main=dist_info.is_main))
     metrics = MetricsWriter(metrics_path, build_trackers(run, output_dir, distributed.is_main()))
 
     # Resumable checkpoints (every --save_every_n_steps and per epoch) and the exported model / adapter
     # (<output_dir>/model); resuming restores model, optimizer, scheduler, progress and RNG.
-    checkpointer = Checkpointer(run, model, lm, optimizer, lr_scheduler, scaler, tokenizer, export_dtype, run_id)
+    checkpointer = Checkpointer(run, model, lm, optimizer, lr_scheduler, scaler, tokenizer, export_dtype, run_id,
+                                dist_info)
     distributed.on_rank0(lambda: start_run(run, run_dir, run_id), "record the run")
     # A full disk or a file-size limit during a save: one line, no temporary folders left (utils/disk.py).
     save_checkpoint = guard_saves(checkpointer, [checkpointer.root, output_dir])
@@ -266,8 +248,8 @@ def main(**kwargs) -> dict:
             release_locks()
             return {"steps": state.step, "already_finished": True}
 
-    ctx = TrainContext(run=run, device=device, autocast=autocast_for(precision, device, t.enable_fsdp and
-                                                                     dist_info.distributed),
+    ctx = TrainContext(run=run, device=device, autocast=P.autocast(precision, device, t.enable_fsdp and
+                                                                   dist_info.distributed),
                        scaler=scaler, metrics=metrics, set_gradient_sync=sync_fn, save_checkpoint=save_checkpoint,
                        observers=observers, model_flops=model_flops, peak_tflops=peak_tflops,
                        restore_rng=restore_rng, stop_request=StopRequest())

@@ -11,6 +11,7 @@ itself a model folder. ``--prompt_file`` reads one prompt per line. Greedy decod
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -22,28 +23,26 @@ from shardtune.utils.config_utils import ConfigError
 
 
 def load_for_inference(model_name: str, peft_model: Optional[str] = None, device: Optional[torch.device] = None):
-    """(model, tokenizer) ready for ``generate``: the base (or converted) model plus optional adapters."""
-    from transformers import AutoModelForCausalLM
-
+    """(model, tokenizer) ready for ``generate``: the base (or converted) model plus optional adapters, built
+    by the same ``build_model`` as training (utils/model_builder.py)."""
+    from shardtune.utils.config_utils import RunConfigs
+    from shardtune.utils.model_builder import WeightSource, build_model
     from shardtune.utils.model_utils import ModelSource, load_model_config, load_tokenizer
 
     device = device or (torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
-    src = ModelSource.parse(model_name)
-    load_model_config(src)  # one-line error for a wrong path or a model that is not a causal LM
-    dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    load_model_config(ModelSource.parse(model_name))  # one-line error for a wrong path or a model that is no LM
+    if peft_model and not (Path(peft_model) / "adapter_config.json").is_file():
+        raise ConfigError(f"--peft_model: {peft_model} has no adapter_config.json (give a PEFT adapter folder; a "
+                          f"full model folder goes to --model_name)")
+    # bf16 weights on GPUs that have it (no master copy is needed without training), fp32 elsewhere.
+    precision = "bf16_pure" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
     # The adapter folder carries the tokenizer the run trained with (added tokens included).
     tok_src = peft_model if peft_model and (Path(peft_model) / "tokenizer_config.json").is_file() else model_name
     tokenizer = load_tokenizer(tok_src, "--peft_model" if tok_src == peft_model else "--model_name")
-    model = AutoModelForCausalLM.from_pretrained(src.path, dtype=dtype, **src.kwargs())
-    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
-        model.resize_token_embeddings(len(tokenizer))
-    if peft_model:
-        from peft import PeftModel
-
-        if not (Path(peft_model) / "adapter_config.json").is_file():
-            raise ConfigError(f"--peft_model: {peft_model} has no adapter_config.json (give a PEFT adapter folder; a "
-                              f"full model folder goes to --model_name)")
-        model = PeftModel.from_pretrained(model, peft_model)
+    run = RunConfigs()
+    run.train.model_name, run.train.use_peft = model_name, bool(peft_model)
+    model = build_model(run, WeightSource(model_name, peft_model), precision, device, tokenizer, packing=False,
+                        trainable=False)
     model.to(device).eval()
     return model, tokenizer
 
@@ -83,7 +82,8 @@ def main(argv=None) -> int:
         prompts = [args.prompt] if args.prompt is not None else [
             line for line in Path(args.prompt_file).read_text(encoding="utf-8").splitlines() if line.strip()]
         torch.manual_seed(args.seed)
-        model, tokenizer = load_for_inference(args.model_name, args.peft_model)
+        with contextlib.redirect_stdout(sys.stderr):  # build_model's log lines; stdout is for the generated text
+            model, tokenizer = load_for_inference(args.model_name, args.peft_model)
         texts = generate(model, tokenizer, prompts, args.max_new_tokens, args.do_sample, args.temperature,
                          args.top_p)
     except (ConfigError, OSError) as exc:

@@ -399,3 +399,26 @@ def test_two_ranks_flop_counter_on_sharded_model(tiny_llama_dir, tmp_path):
     assert fc[0]["analytic_flops"] == pytest.approx(single.batch((2, 128)))
     assert fc[0]["measured_flops"] / fc[0]["expected_flops"] == pytest.approx(1.0, abs=0.1)
     assert "--> FLOP counter: step 2" in results[0]["log"] and "FLOP counter" not in results[1]["log"]
+
+
+def test_epoch_peaks_leave_the_kernels_high_water_mark_alone():
+    """The per-epoch host peak is measured without /proc/self/clear_refs: the process' high-water mark (which
+    the run reports) survives every epoch; an epoch below it reports its own, smaller, sampled peak."""
+    from shardtune.observability.memory import MemoryTracker, host_peak_rss_bytes, host_rss_bytes
+
+    tracker = MemoryTracker(torch.device("cpu"))
+    tracker.start_epoch()
+    block = torch.ones(256 * 2 ** 20 // 4)  # 256 MiB touched: a new high-water mark
+    first = tracker.epoch_stats().host_peak_rss
+    hwm = host_peak_rss_bytes()
+    assert first == hwm
+    del block  # a large block goes back to the kernel: the resident set falls, the high-water mark stays
+    if host_rss_bytes() > hwm - 128 * 2 ** 20:
+        pytest.skip("the allocator kept the freed block resident")
+    tracker.start_epoch()
+    tracker.sample()
+    second = tracker.epoch_stats().host_peak_rss
+    slack = 4 * 2 ** 20  # the kernel updates its RSS counters lazily (per-thread batches)
+    assert host_peak_rss_bytes() >= hwm - slack  # not reset
+    assert second < hwm - 128 * 2 ** 20 and second >= host_rss_bytes() - 16 * 2 ** 20
+    assert tracker.run_stats().host_peak_rss >= hwm - slack

@@ -36,12 +36,12 @@ DATASET_PREPROC = {
 CACHE_SUBDIR = "data_cache"
 
 
-def get_preprocessed_dataset(tokenizer, dataset_config, split: str = "train", train_config=None):
+def get_preprocessed_dataset(tokenizer, dataset_config, split: str = "train", train_config=None, rank: int = 0):
     """The tokenised split ('train' -> dataset_config.train_split, anything else -> test_split).
 
     With a train_config, tokenisation is cached under ``<output_dir>/data_cache`` (rank 0 builds it,
     the other ranks wait and read it) and samples left with no supervised token after truncation to
-    ``context_length`` are dropped with one warning.
+    ``context_length`` are dropped with one warning. ``rank`` only names this process in warnings.
     """
     name = dataset_config.dataset
     which = dataset_config.train_split if split == "train" else dataset_config.test_split
@@ -51,7 +51,7 @@ def get_preprocessed_dataset(tokenizer, dataset_config, split: str = "train", tr
         builder = DATASET_PREPROC[name]
         cache_dir = Path(train_config.output_dir) / CACHE_SUBDIR if train_config is not None else None
         samples = cached_tokenized(name, which, dataset_config, tokenizer, builder.load_examples, builder.tokenize,
-                                   cache_dir)
+                                   cache_dir, rank)
     else:
         raise NotImplementedError(f"{name} is not implemented")
     if train_config is not None:

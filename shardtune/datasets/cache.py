@@ -19,8 +19,6 @@ import sys
 from pathlib import Path
 from typing import Callable, List, Optional
 
-import torch.distributed as dist
-
 from shardtune.datasets.common import target_start
 from shardtune.utils import distributed
 from shardtune.utils.config_utils import ConfigError
@@ -83,7 +81,7 @@ def tokenize_examples(examples: List[dict], tokenize: Callable, tokenizer, datas
 
 
 def cached_tokenized(name: str, split: str, dataset_config, tokenizer, load_examples: Callable,
-                     tokenize: Callable, cache_dir: Optional[Path]):
+                     tokenize: Callable, cache_dir: Optional[Path], rank: int = 0):
     """The tokenised split, from the cache when present. Without cache_dir every process tokenises in memory."""
     from datasets import Dataset
 
@@ -109,7 +107,7 @@ def cached_tokenized(name: str, split: str, dataset_config, tokenizer, load_exam
 
     path = distributed.on_rank0(build, "prepare the data")
     if not Path(path).is_file():  # another node, whose output_dir is not shared with rank 0's
-        print(f"warning: [rank {dist.get_rank() if dist.is_initialized() else 0}] {path} is not visible on this node "
+        print(f"warning: [rank {rank}] {path} is not visible on this node "
               "(output_dir not shared?): tokenising here", file=sys.stderr, flush=True)
         path = build()
     dataset = Dataset.from_file(path)

@@ -46,6 +46,7 @@ from shardtune.model_checkpointing import integrity
 from shardtune.model_checkpointing.export import (SaveError, canonical_name, export_pretrained, is_peft_model,
                                                   read_export_info)
 from shardtune.utils import distributed
+from shardtune.utils.distributed import DistInfo
 from shardtune.utils.config_utils import ConfigError, RunConfigs, first_line
 from shardtune.utils.io import TMP_MARKER, atomic_write_text, replace_directory
 from shardtune.observability.logging import log, warn
@@ -187,7 +188,7 @@ def _check_compatible(run: RunConfigs, path: Path, info: dict, world_size: int) 
                           f"settings, or from a checkpoint at an epoch boundary")
 
 
-def find_resume_point(run: RunConfigs, run_id: Optional[str] = None) -> Optional[ResumePoint]:
+def find_resume_point(run: RunConfigs, run_id: Optional[str] = None, world_size: int = 1) -> Optional[ResumePoint]:
     """--resume_from DIR | auto -> the checkpoint to resume from (None: start fresh). Collective.
 
     Rank 0 lists the candidates and reads their state; every rank helps verify the checksums; so all
@@ -197,7 +198,7 @@ def find_resume_point(run: RunConfigs, run_id: Optional[str] = None) -> Optional
     value = run.train.resume_from.strip()
     if not value:
         return None
-    world = distributed.info().world_size
+    world = world_size
     candidates = distributed.on_rank0(lambda: _resume_candidates(run, run_id), "find a checkpoint")
     for candidate in map(Path, candidates):
         info, why, manifest = distributed.on_rank0(lambda: (*try_read_state(candidate),
@@ -235,9 +236,9 @@ def _strip_prefix(state_dict: dict, prefix: str = "lm.") -> dict:
     return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state_dict.items()}
 
 
-def _all_finite(tensors) -> bool:
+def _all_finite(tensors, device: torch.device) -> bool:
     """Whether every tensor (local shards of DTensors) is finite, on all ranks. Collective."""
-    bad = torch.zeros((), dtype=torch.float32, device=distributed.info().device)
+    bad = torch.zeros((), dtype=torch.float32, device=device)
     for v in tensors:
         local = v.to_local() if hasattr(v, "to_local") else v
         if local.is_floating_point() and local.numel() and not bool(torch.isfinite(local).all()):
@@ -250,15 +251,17 @@ class Checkpointer:
 
     model: the training model (CausalLMWithLoss, sharded or not); lm: the transformers model or
     PeftModel inside it (used for save_pretrained); export_dtype: the dtype the final exported model
-    is written in (the base checkpoint's); run_id: stored in every checkpoint and export.
+    is written in (the base checkpoint's); run_id: stored in every checkpoint and export; dist_info: this
+    process's rank, the world size and the device (given, not read from the process group).
     """
 
     def __init__(self, run: RunConfigs, model: nn.Module, lm: nn.Module, optimizer, lr_scheduler, scaler=None,
-                 tokenizer=None, export_dtype: Optional[torch.dtype] = None, run_id: Optional[str] = None):
+                 tokenizer=None, export_dtype: Optional[torch.dtype] = None, run_id: Optional[str] = None,
+                 dist_info: Optional[DistInfo] = None):
         self.run, self.model, self.lm = run, model, lm
         self.optimizer, self.lr_scheduler, self.scaler = optimizer, lr_scheduler, scaler
         self.tokenizer, self.export_dtype, self.run_id = tokenizer, export_dtype, run_id
-        self.info = distributed.info()
+        self.info = dist_info or DistInfo()
         self.root = checkpoint_root(run)
         self.is_peft = is_peft_model(lm)
         self.checkpoint_type = run.fsdp.checkpoint_type
@@ -307,7 +310,7 @@ class Checkpointer:
             (tmp / "rng").mkdir(parents=True)
 
         distributed.on_rank0(prepare, "prepare the checkpoint folder")
-        if not _all_finite(p for p in self.model.parameters() if p.requires_grad):
+        if not _all_finite((p for p in self.model.parameters() if p.requires_grad), self.info.device):
             raise SaveError(f"the trained weights are not finite at step {state.step}; no checkpoint written "
                             f"(lower --lr, or use --gradient_clipping)")
         if self.checkpoint_type is StateDictType.SHARDED_STATE_DICT:

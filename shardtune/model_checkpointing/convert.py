@@ -60,8 +60,9 @@ def convert(checkpoint: Path, output: Path, model_name: Optional[str] = None, dt
     from shardtune.model_checkpointing.export import export_pretrained
     from shardtune.utils.config_utils import parse_cli
     from shardtune.utils.loss import CausalLMWithLoss
-    from shardtune.utils.model_utils import (ModelSource, load_model, load_model_config, load_tokenizer,
-                                             maybe_resize_embeddings)
+    from shardtune.utils import precision as P
+    from shardtune.utils.model_builder import WeightSource, build_model
+    from shardtune.utils.model_utils import ModelSource, load_model_config, load_tokenizer
 
     checkpoint = _resolve_checkpoint(Path(checkpoint))
     info = read_state(checkpoint)
@@ -96,24 +97,16 @@ def convert(checkpoint: Path, output: Path, model_name: Optional[str] = None, dt
         return export_pretrained(lm, tokenizer, output, dtype=out_dtype)
 
     # SHARDED_STATE_DICT: rebuild the training model from the base, then read the trained weights.
-    from shardtune.utils.config_utils import resolve_precision
-
-    # The checkpoint holds the master weights: bf16 for bf16_pure, fp32 for every other mode.
-    precision = "bf16_pure" if resolve_precision(run, torch.device("cpu")) == "bf16_pure" else "fp32"
+    # The checkpoint holds the stored (master) weights: rebuild the training model in that precision.
+    precision = P.checkpoint_mode(P.resolve(run, torch.device("cpu")))
     tokenizer = load_tokenizer(t.tokenizer_name or t.model_name)
-    lm = load_model(t.model_name, precision, torch.device("cpu"))
-    maybe_resize_embeddings(lm, tokenizer)
-    if info.get("use_peft"):
-        from shardtune.utils.peft_utils import apply_peft
-
-        if t.from_peft_checkpoint and not Path(t.from_peft_checkpoint).is_dir():
-            t.from_peft_checkpoint = ""  # the adapter's structure comes from the run's PEFT config instead
-        lm = apply_peft(lm, run)
+    # The adapter's structure comes from --from_peft_checkpoint while that folder exists, else from the run's
+    # PEFT config; the trained values come from the checkpoint either way.
+    adapter = t.from_peft_checkpoint if t.from_peft_checkpoint and Path(t.from_peft_checkpoint).is_dir() else None
+    lm = build_model(run, WeightSource(t.model_name, adapter), precision, torch.device("cpu"), tokenizer,
+                     packing=False)
     model = CausalLMWithLoss(lm)
-    if precision == "bf16_pure":
-        from shardtune.utils.fsdp_utils import cast_parameters
-
-        cast_parameters(model, torch.bfloat16)
+    P.cast_parameters(model, precision)
     # The checkpoint holds the weights that trained (frozen ones were not saved): read exactly those.
     stored = {k[len("model."):] for k in dcp.FileSystemReader(str(checkpoint)).read_metadata().state_dict_metadata
               if k.startswith("model.")}

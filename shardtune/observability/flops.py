@@ -198,8 +198,12 @@ class FlopCounter(StepObserver):
     """
 
     def __init__(self, start: int, device: torch.device, model_flops: Optional[ModelFlops] = None,
-                 peak_tflops: Optional[float] = None, recomputes_layers: float = 0.0):
+                 peak_tflops: Optional[float] = None, recomputes_layers: float = 0.0, world_size: int = 1,
+                 is_main: bool = True):
         self.start = start
+        # Given, not read from the process group: how many ranks the counts are averaged over, and whether
+        # this process prints the report.
+        self.world_size, self.is_main = world_size, is_main
         # activation checkpointing: the share of the layers whose forward runs twice (1.0: all of them)
         self.recomputes_layers = float(recomputes_layers)
         self.device = device
@@ -231,13 +235,13 @@ class FlopCounter(StepObserver):
             self._mode.__exit__(None, None, None)
             flops = float(self._mode.get_total_flops())
             self._mode = None
-            world = distributed.info().world_size
+            world = self.world_size
             flops, seconds = (v / world for v in distributed.all_reduce_sum(
                 torch.tensor([flops, seconds], dtype=torch.float64, device=self.device)).tolist())
             self._counted = {"flops": flops, "seconds": seconds, "record": dict(record)}
         elif self._timing:
             synchronize(self.device)
-            world = distributed.info().world_size
+            world = self.world_size
             seconds = distributed.all_reduce_sum(torch.tensor(time.perf_counter() - self._t0, dtype=torch.float64,
                                                               device=self.device)).item() / world
             self._timing = False
@@ -249,7 +253,7 @@ class FlopCounter(StepObserver):
 
     def _report(self, record: dict, flops: float, counted_seconds: float, timed_step: Optional[int],
                 timed_flops: float, seconds: float) -> dict:
-        world = distributed.info().world_size
+        world = self.world_size
         step = record["step"]
         tflops = timed_flops / max(seconds, 1e-12) / 1e12
         result = {"step": step, "measured_flops": flops, "counted_step_seconds": counted_seconds,
@@ -290,7 +294,7 @@ class FlopCounter(StepObserver):
                                  f"that = {flops / expected:.3f}")
         lines.append("    (the count includes recomputation: fused attention recomputes QK^T in the backward; "
                      "see docs/observability.md)")
-        if distributed.is_main():
+        if self.is_main:
             tqdm.write("\n".join(lines))  # above the progress bar, not through it
         return result
 

@@ -2,16 +2,22 @@
 
 Device numbers come from the caching allocator's own counters (``torch.cuda.memory_stats``): peak
 allocated, peak reserved, peak active bytes, allocation retries (the allocator had to free its cache and
-retry: a sign of fragmentation close to OOM) and OOMs. The host number is the kernel's high-water mark
-of the process' resident set (``VmHWM`` in /proc/self/status, which ``getrusage`` reports as
-``ru_maxrss``): the kernel keeps it, so nothing needs to sample. Per epoch it is reset through
-``/proc/self/clear_refs`` where Linux allows that; elsewhere the host peak is the process' peak so far.
+retry: a sign of fragmentation close to OOM) and OOMs. The host number for the run is the kernel's
+high-water mark of the process' resident set (``VmHWM`` in /proc/self/status, which ``getrusage`` reports
+as ``ru_maxrss``), model loading included.
+
+Per epoch, the kernel's counter is read, never reset: resetting it (``/proc/self/clear_refs``) is a
+process-wide side effect that other code measuring the process would not expect, and it hid the loading
+peak from every later reading. An epoch that raised the high-water mark has that mark as its exact peak;
+an epoch that stayed below it reports the largest resident set seen at its optimizer-step boundaries
+(``sample()``, a cheap read of /proc/self/statm), a lower bound of its peak.
 
 (The reference's MemoryTrace ran a thread that busy-looped on psutil for the whole epoch, one CPU core
 at 100%, and printed whole GB truncated with int(); here values are GB with one decimal, 1 GB = 2**30 B.)
 """
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import dataclass
 from typing import Optional
@@ -22,7 +28,7 @@ GB = float(2 ** 30)
 
 
 def host_peak_rss_bytes() -> int:
-    """Peak resident set size of this process since start (or since the last reset)."""
+    """Peak resident set size of this process since it started (the kernel's high-water mark)."""
     try:
         with open("/proc/self/status", encoding="ascii") as fh:
             for line in fh:
@@ -45,14 +51,19 @@ def host_peak_rss_bytes() -> int:
         return 0
 
 
-def reset_host_peak() -> bool:
-    """Reset the kernel's RSS high-water mark (Linux 4.0+). False where that is not possible."""
+def host_rss_bytes() -> int:
+    """The current resident set size of this process (0 where it cannot be read)."""
     try:
-        with open("/proc/self/clear_refs", "w", encoding="ascii") as fh:
-            fh.write("5")
-        return True
-    except OSError:
-        return False
+        with open("/proc/self/statm", encoding="ascii") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        import psutil
+
+        return int(psutil.Process().memory_info().rss)
+    except ImportError:
+        return 0
 
 
 @dataclass
@@ -126,23 +137,37 @@ def read_memory_stats(device: torch.device) -> MemoryStats:
 
 
 class MemoryTracker:
-    """``start_epoch()`` resets the peaks, ``epoch_stats()`` reads them, ``run_stats()`` is the max so far.
+    """``start_epoch()`` starts an epoch, ``sample()`` after every optimizer step, ``epoch_stats()`` the epoch's
+    peaks, ``run_stats()`` the run's (host: the process' high-water mark).
 
-    Allocation retries and OOMs are cumulative over the run (the allocator never resets them here).
+    Device peaks are this process' allocator counters, reset per epoch (they belong to PyTorch's allocator,
+    not to the process). Allocation retries and OOMs are cumulative over the run.
     """
 
     def __init__(self, device: torch.device):
         self.device = device
         self.run = MemoryStats()
+        self._hwm_at_start = 0
+        self._sampled = 0
 
     def start_epoch(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-        self.run = self.run.merge(MemoryStats(host_peak_rss=host_peak_rss_bytes()))
-        reset_host_peak()
+        self._hwm_at_start = host_peak_rss_bytes()
+        self._sampled = host_rss_bytes()
+
+    def sample(self) -> None:
+        self._sampled = max(self._sampled, host_rss_bytes())
+
+    def host_epoch_peak(self) -> int:
+        """Exact when the epoch raised the process' high-water mark; else the largest sampled resident set."""
+        self.sample()
+        hwm = host_peak_rss_bytes()
+        return hwm if hwm > self._hwm_at_start else self._sampled
 
     def epoch_stats(self) -> MemoryStats:
         stats = read_memory_stats(self.device)
+        stats.host_peak_rss = self.host_epoch_peak()
         self.run = self.run.merge(stats)
         return stats
 
@@ -151,5 +176,5 @@ class MemoryTracker:
         return self.run
 
 
-__all__ = ["MemoryStats", "MemoryTracker", "read_memory_stats", "host_peak_rss_bytes", "reset_host_peak",
+__all__ = ["MemoryStats", "MemoryTracker", "read_memory_stats", "host_peak_rss_bytes", "host_rss_bytes",
            "device_peak_allocated_bytes", "device_peak_reserved_bytes", "GB"]

@@ -441,21 +441,6 @@ def resolve_compile(run: RunConfigs, device: torch.device) -> bool:
     return device.type == "cuda" if value == "auto" else value in _TRUE
 
 
-def resolve_precision(run: RunConfigs, device: torch.device) -> str:
-    """One precision mode for the whole run (see train_config.precision)."""
-    t, f = run.train, run.fsdp
-    if t.precision != "auto":
-        return t.precision
-    if f.pure_bf16:
-        return "bf16_pure"
-    if t.use_fp16 or f.use_fp16:
-        return "fp16_mixed"
-    bf16_ok = device.type == "cuda" and torch.cuda.is_bf16_supported()
-    if t.mixed_precision and f.mixed_precision and bf16_ok:
-        return "bf16_mixed"
-    return "fp32"
-
-
 def save_resolved(run: RunConfigs, path: Path) -> None:
     """Write the resolved config as YAML (readable back with --config)."""
     import yaml
@@ -465,5 +450,5 @@ def save_resolved(run: RunConfigs, path: Path) -> None:
     atomic_write_text(path, yaml.safe_dump(run.to_dict(), sort_keys=False))
 
 
-__all__ = ["ConfigError", "first_line", "RunConfigs", "parse_cli", "validate", "coerce", "resolve_precision",
-           "resolve_compile", "save_resolved"]
+__all__ = ["ConfigError", "first_line", "RunConfigs", "parse_cli", "validate", "coerce", "resolve_compile",
+           "save_resolved"]

@@ -35,6 +35,7 @@ from torch.distributed.tensor import DTensor
 from shardtune.configs.fsdp import ShardingStrategy
 from shardtune.utils.config_utils import ConfigError, RunConfigs
 from shardtune.utils import distributed
+from shardtune.utils import precision as P
 from shardtune.utils.distributed import DistInfo
 from shardtune.observability.logging import log, log_all
 
@@ -138,8 +139,7 @@ def shard_model(model: nn.Module, run: RunConfigs, dist_info: DistInfo, precisio
     device = dist_info.device
     mesh, plan = build_mesh(run, dist_info)
 
-    if precision == "bf16_pure":
-        cast_parameters(model, torch.bfloat16)  # buffers (RoPE frequencies) stay fp32
+    P.cast_parameters(model, precision)  # bf16_pure: bf16 parameters (buffers such as RoPE frequencies stay fp32)
 
     # Rank 0's full weights for --low_cpu_fsdp, taken before sharding replaces the parameters.
     low_cpu = t.low_cpu_fsdp
@@ -201,11 +201,8 @@ class UnitPlacer:
     """
 
     def __init__(self, precision: str, device: Optional[torch.device], frozen_in_compute_dtype: bool):
-        from shardtune.policies.mixed_precision import mp_policy_for
-        from shardtune.utils.model_utils import MASTER_DTYPE
-
-        self.master = MASTER_DTYPE[precision]
-        self.frozen = (mp_policy_for(precision).param_dtype or self.master) if frozen_in_compute_dtype else self.master
+        self.master = P.master_dtype(precision)
+        self.frozen = (P.compute_dtype(precision) or self.master) if frozen_in_compute_dtype else self.master
         self.device = device
 
     def __call__(self, params) -> None:
@@ -215,13 +212,6 @@ class UnitPlacer:
             want = self.master if p.requires_grad else self.frozen
             if p.dtype != want or (self.device is not None and p.device != self.device):
                 p.data = p.data.to(device=self.device or p.device, dtype=want)
-
-
-def cast_parameters(model: nn.Module, dtype: torch.dtype) -> None:
-    """Cast floating-point parameters (not buffers) to ``dtype``: pure bf16 training."""
-    for p in model.parameters():
-        if p.is_floating_point() and p.dtype != dtype:
-            p.data = p.data.to(dtype)
 
 
 def load_full_state_from_rank0(model: nn.Module, full_state: dict) -> None:

@@ -17,13 +17,6 @@ import torch
 from shardtune.utils.config_utils import ConfigError, first_line
 from shardtune.observability.logging import log, warn
 
-# Dtype the *stored* weights get for each precision mode. Mixed modes keep fp32 master weights and
-# compute in bf16/fp16 (autocast or FSDP's MixedPrecisionPolicy); bf16_pure stores bf16 as the
-# reference's pure_bf16 does.
-MASTER_DTYPE = {"fp32": torch.float32, "bf16_mixed": torch.float32, "fp16_mixed": torch.float32,
-                "bf16_pure": torch.bfloat16}
-
-
 @dataclass(frozen=True)
 class ModelSource:
     """Where from_pretrained reads: a folder or hub id, plus an optional GGUF file name in it."""
@@ -178,7 +171,9 @@ def load_model(name: str, precision: str, device: torch.device, *, use_fast_kern
 
     src = ModelSource.parse(name)
     config = load_model_config(src)
-    dtype = dtype or MASTER_DTYPE[precision]
+    from shardtune.utils.precision import master_dtype
+
+    dtype = dtype or master_dtype(precision)  # utils/precision.py: fp32 master weights for the mixed modes
     attn = pick_attention(attn_implementation, use_fast_kernels, device, config, prompt_learning, packing)
     if meta:
         with torch.device("meta"):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict
+from typing import Optional
 
 import torch
 
@@ -54,18 +55,22 @@ def _adaption_prompt_types():
     return sorted(TRANSFORMERS_MODEL_CONFIG)
 
 
-def apply_peft(model, run: RunConfigs):
-    """Wrap ``model`` in a PeftModel: fresh adapters, or those of --from_peft_checkpoint."""
+def apply_peft(model, run: RunConfigs, adapter: Optional[str] = None, trainable: bool = True):
+    """Wrap ``model`` in a PeftModel: fresh adapters from the run's PEFT config, or those in the ``adapter``
+    folder (--from_peft_checkpoint, or a resumed checkpoint's: model_builder.WeightSource). trainable=False
+    loads the adapter for inference."""
     from peft import PeftModel, get_peft_model
 
     t = run.train
-    if t.from_peft_checkpoint:
+    if adapter:
         try:
-            model = PeftModel.from_pretrained(model, t.from_peft_checkpoint, is_trainable=True)
+            model = PeftModel.from_pretrained(model, adapter, is_trainable=trainable)
         except Exception as exc:  # noqa: BLE001
-            raise ConfigError(f"--from_peft_checkpoint: cannot load an adapter from {t.from_peft_checkpoint!r}: "
+            raise ConfigError(f"--from_peft_checkpoint: cannot load an adapter from {adapter!r}: "
                               f"{first_line(exc)}") from None
-        log(f"--> continuing from adapter {t.from_peft_checkpoint}")
+        log(f"--> {'continuing from' if trainable else 'applying'} adapter {adapter}")
+        if not trainable:
+            return model
     else:
         model = get_peft_model(model, build_peft_config(run, model))
     if getattr(model.active_peft_config, "is_prompt_learning", False):

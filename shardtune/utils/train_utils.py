@@ -214,6 +214,7 @@ def train(model, train_loader, eval_loader, optimizer, lr_scheduler, ctx: TrainC
             #    against the accelerator's peak. Peak memory: device allocated on GPUs, host RSS on CPU.
             tflops = global_flops / world / step_time / 1e12 if ctx.model_flops else None
             peak_mem = device_peak_allocated_bytes(ctx.device) or host_peak_rss_bytes()
+            memory.sample()  # the host's per-epoch peak when the epoch stays under the process' high-water mark
             record = dict(step=state.step, epoch=epoch, loss=step_loss, perplexity=perplexity(step_loss), lr=lr,
                           grad_norm=grad_norm, tokens=int(global_tokens), input_tokens=int(global_inputs),
                           seq_len=int(micro_batches[0]["input_ids"].shape[-1]),
