@@ -228,3 +228,27 @@ def test_resume_from_corrupted_bytes_falls_back_and_continues_exactly(tiny_llama
     assert "skipping damaged checkpoint" in results[0]["log"] and "__0_0.distcp" in results[0]["log"]
     losses = step_losses(out)  # steps 1-3 of the first run, then 3 (again) and 4
     assert len(losses) == 5 and losses[3] == losses[2]
+
+
+def test_resuming_keeps_the_users_config_in_every_later_checkpoint(tiny_llama_dir, tmp_path):
+    """A PEFT run with FULL_STATE_DICT checkpoints resumes from the checkpoint's adapter folder. That folder is
+    run state: the run_config.yaml of later checkpoints keeps the user's --from_peft_checkpoint (empty), so it
+    never points into a checkpoint that pruning deletes, and the newest checkpoint still converts."""
+    import yaml
+
+    from shardtune.finetuning import main
+    from shardtune.model_checkpointing.convert import convert
+
+    out = tmp_path / "out"
+    flags = base_kwargs(tiny_llama_dir, out, enable_fsdp=False, use_peft=True, save_every_n_steps=1,
+                        keep_last_n_checkpoints=1, **{"fsdp_config.checkpoint_type": "FULL_STATE_DICT"})
+    main(**{**flags, "max_train_step": 2})
+    root = out / "checkpoints" / "fine-tuned"
+    (first,) = root.glob("step_*")
+    main(**{**flags, "max_train_step": 4, "resume_from": "auto"})
+    (newest,) = root.glob("step_*")
+    assert newest.name == "step_000004" and not first.exists()  # the resumed-from checkpoint was pruned
+    saved = yaml.safe_load((newest / "run_config.yaml").read_text())
+    assert saved["train_config"]["from_peft_checkpoint"] == ""
+    assert saved == yaml.safe_load((out / "run_config.yaml").read_text())
+    assert (convert(newest, tmp_path / "converted") / "adapter_config.json").is_file()
