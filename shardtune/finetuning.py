@@ -111,6 +111,10 @@ def main(**kwargs) -> dict:
     device = dist_info.device
     seed_everything(t.seed)
     precision = resolve_precision(run, device)
+    if t.quantization:
+        from shardtune.policies.quantization import check_quantization
+
+        check_quantization(run, precision, sharded=t.enable_fsdp and dist_info.distributed)
     output_dir = Path(t.output_dir)
     from shardtune.model_checkpointing.output_dir import (claim_output_dir, lock_new_output_dir, release_locks,
                                                          start_run)
@@ -149,7 +153,12 @@ def main(**kwargs) -> dict:
     from shardtune.utils.model_utils import freeze_first_layers, load_model, maybe_resize_embeddings
 
     bnb_config = run.quantization.create_bnb_config(t.quantization) if t.quantization else None
-    meta = t.low_cpu_fsdp and not dist_info.is_main
+    # --low_cpu_fsdp: ranks other than 0 build the model on the meta device and receive rank 0's weights. A
+    # quantized model cannot travel that way (policies/quantization.py): every rank loads its own 4-bit copy.
+    meta = t.low_cpu_fsdp and not dist_info.is_main and bnb_config is None
+    if t.low_cpu_fsdp and bnb_config is not None:
+        log(f"--> --low_cpu_fsdp with --quantization {t.quantization}: every rank loads the quantized model "
+            "straight onto its GPU (quantized tensor by tensor; 4-bit state is not a broadcastable state dict)")
     # A FULL_STATE_DICT checkpoint brings its own weights: a Hugging Face folder, or a PEFT adapter folder.
     weights = str(resume.model_dir) if resume and resume.model_dir else t.model_name
     if resume and resume.adapter_dir:
@@ -161,13 +170,17 @@ def main(**kwargs) -> dict:
     # so no rank holds an fp32 copy of the whole model in host memory.
     upcast_on_gpu = (t.enable_fsdp and dist_info.distributed and device.type == "cuda" and not t.low_cpu_fsdp
                      and not run.fsdp.fsdp_cpu_offload and bnb_config is None and weights == t.model_name)
+    load_dtype = export_dtype if upcast_on_gpu else None  # None: the precision mode's master dtype
+    if bnb_config is not None:  # everything but the adapters is frozen: stored in the compute dtype
+        from shardtune.policies.quantization import frozen_dtype
+
+        load_dtype = frozen_dtype(precision)
     from shardtune.data.loader import is_packed
 
     lm = load_model(weights, precision, device, use_fast_kernels=t.use_fast_kernels, bnb_config=bnb_config,
                     meta=meta, attn_implementation=t.attn_implementation,
                     prompt_learning=t.use_peft and t.peft_method == "prefix",
-                    packing=is_packed(train_loader),
-                    dtype=export_dtype if upcast_on_gpu else None)
+                    packing=is_packed(train_loader), dtype=load_dtype)
     if not meta:
         maybe_resize_embeddings(lm, tokenizer)
     elif len(tokenizer) > lm.get_input_embeddings().weight.shape[0]:  # shapes only: rank 0 broadcasts values

@@ -33,6 +33,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from shardtune.configs.fsdp import ShardingStrategy
+from shardtune.policies.quantization import is_quantized
 from shardtune.utils.config_utils import ConfigError, RunConfigs
 from shardtune.utils.distributed import DistInfo
 from shardtune.utils.logging import log, log_all
@@ -127,9 +128,14 @@ def shard_model(model: nn.Module, run: RunConfigs, dist_info: DistInfo, precisio
 
     if precision == "bf16_pure":
         cast_parameters(model, torch.bfloat16)  # buffers (RoPE frequencies) stay fp32
+    if t.quantization:
+        from shardtune.policies.quantization import prepare_for_sharding
 
-    # Rank 0's full weights for --low_cpu_fsdp, taken before sharding replaces the parameters.
-    low_cpu = t.low_cpu_fsdp
+        prepare_for_sharding(model)
+
+    # Rank 0's full weights for --low_cpu_fsdp, taken before sharding replaces the parameters. (A quantized
+    # model was loaded by every rank itself: see policies/quantization.py.)
+    low_cpu = t.low_cpu_fsdp and not t.quantization
     full_state = model.state_dict() if low_cpu and dist_info.is_main else {}
     on_meta = any(p.is_meta for p in model.parameters())
     if on_meta and not low_cpu:
@@ -197,7 +203,7 @@ class UnitPlacer:
 
     def __call__(self, params) -> None:
         for p in params:
-            if not p.is_floating_point():
+            if not p.is_floating_point() or is_quantized(p):  # packed 4-bit bytes: a cast would destroy them
                 continue
             want = self.master if p.requires_grad else self.frozen
             if p.dtype != want or (self.device is not None and p.device != self.device):
@@ -207,7 +213,7 @@ class UnitPlacer:
 def cast_parameters(model: nn.Module, dtype: torch.dtype) -> None:
     """Cast floating-point parameters (not buffers) to ``dtype``: pure bf16 training."""
     for p in model.parameters():
-        if p.is_floating_point() and p.dtype != dtype:
+        if p.is_floating_point() and p.dtype != dtype and not is_quantized(p):
             p.data = p.data.to(dtype)
 
 
