@@ -43,6 +43,9 @@ MODES = {
     "full_ac": ["--fsdp_config.pure_bf16"],
     "full_noac": ["--fsdp_config.pure_bf16", "--fsdp_config.fsdp_activation_checkpointing", "False"],
     "lora": ["--use_peft", "--peft_method", "lora"],
+    # QLoRA: 4-bit NF4 base weights (bitsandbytes); the reference's multi-GPU QLoRA command does not run
+    "qlora": ["--use_peft", "--peft_method", "lora", "--quantization", "4bit", "--quantization_config.quant_type",
+              "nf4"],
     "default_ac": [],      # shardtune's default precision (bf16 compute, fp32 master weights)
     "default_noac": ["--fsdp_config.fsdp_activation_checkpointing", "False"],
 }

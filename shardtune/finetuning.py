@@ -106,6 +106,10 @@ def main(**kwargs) -> dict:
     device = dist_info.device
     seed_everything(t.seed)
     precision = P.resolve(run, device)  # one mode; utils/precision.py says what it implies
+    if t.quantization:
+        from shardtune.policies.quantization import check_quantization
+
+        check_quantization(run, precision, sharded=t.enable_fsdp and dist_info.distributed)
     output_dir = Path(t.output_dir)
     from shardtune.model_checkpointing.output_dir import (claim_output_dir, lock_new_output_dir, release_locks,
                                                          start_run)
@@ -147,7 +151,12 @@ def main(**kwargs) -> dict:
     from shardtune.utils.model_builder import WeightSource, build_model
 
     bnb_config = run.quantization.create_bnb_config(t.quantization) if t.quantization else None
-    meta = t.low_cpu_fsdp and not dist_info.is_main
+    # --low_cpu_fsdp: ranks other than 0 build the model on the meta device and receive rank 0's weights. A
+    # quantized model cannot travel that way (policies/quantization.py): every rank loads its own 4-bit copy.
+    meta = t.low_cpu_fsdp and not dist_info.is_main and bnb_config is None
+    if t.low_cpu_fsdp and bnb_config is not None:
+        log(f"--> --low_cpu_fsdp with --quantization {t.quantization}: every rank loads the quantized model "
+            "straight onto its GPU (quantized tensor by tensor; 4-bit state is not a broadcastable state dict)")
     # A FULL_STATE_DICT checkpoint brings its own weights (a Hugging Face folder, or a PEFT adapter folder):
     # run state, kept out of the config so that later checkpoints' run_config.yaml never points into one.
     source = WeightSource.for_run(run, resume)
@@ -158,10 +167,15 @@ def main(**kwargs) -> dict:
     # so no rank holds an fp32 copy of the whole model in host memory.
     upcast_on_gpu = (t.enable_fsdp and dist_info.distributed and device.type == "cuda" and not t.low_cpu_fsdp
                      and not run.fsdp.fsdp_cpu_offload and bnb_config is None and source.model == t.model_name)
+    load_dtype = export_dtype if upcast_on_gpu else None  # None: the precision mode's master dtype
+    if bnb_config is not None:  # everything but the adapters is frozen: stored in the compute dtype
+        from shardtune.policies.quantization import frozen_dtype
+
+        load_dtype = frozen_dtype(precision)
     from shardtune.data.loader import is_packed
 
     lm = build_model(run, source, precision, device, tokenizer, meta=meta, packing=is_packed(train_loader),
-                     dtype=export_dtype if upcast_on_gpu else None, bnb_config=bnb_config)
+                     dtype=load_dtype, bnb_config=bnb_config)
     model = CausalLMWithLoss(lm)
     if resolve_compile(run, device):
         from shardtune.policies.compile import compile_decoder_layers

@@ -135,3 +135,28 @@ def test_inference_from_base_plus_adapter_and_converted_folder(tiny_llama_dir, t
     merged_text = generate(*load_for_inference(str(merged_dir)), ["Hello there"], 8)
     assert adapter_text == merged_text and adapter_text[0]
     assert infer_main(["--model_name", str(tiny_llama_dir), "--peft_model", str(tiny_llama_dir), "--prompt", "x"]) == 2
+
+
+def test_merge_helper_writes_a_bf16_model_equal_to_base_plus_adapter(tiny_llama_dir, tmp_path, capsys):
+    """`python -m shardtune.model_checkpointing.merge` (the QLoRA route to a plain model): the written bf16 folder
+    gives base + adapter's logits within bf16 rounding, differs from the base, and bad input is one line."""
+    from shardtune.model_checkpointing.merge import main as merge_main
+
+    out = tmp_path / "out"
+    run_ranks(2, base_kwargs(tiny_llama_dir, out, save_model=True, use_peft=True, lr=3e-2), tmp_path / "ranks")
+    merged = tmp_path / "merged"
+    assert merge_main(["--adapter", str(out / "model"), "--output", str(merged), "--model_name",
+                       str(tiny_llama_dir)]) == 0
+    assert json.loads((merged / "config.json").read_text())["dtype"] == "bfloat16"
+    from safetensors import safe_open
+
+    with safe_open(str(merged / "model.safetensors"), framework="pt") as fh:
+        assert {fh.get_tensor(k).dtype for k in fh.keys()} == {torch.bfloat16}
+        assert not any("lora" in k for k in fh.keys())
+    want, got, base = _logits(tiny_llama_dir, out / "model"), _logits(merged), _logits(tiny_llama_dir)
+    assert ((got - want).norm() / want.norm()) < 3e-2
+    assert ((got - want).norm() / want.norm()) < 0.2 * ((base - want).norm() / want.norm())  # the adapter is in
+    capsys.readouterr()
+    assert merge_main(["--adapter", str(out / "model"), "--output", str(merged)]) == 2  # never overwrites
+    assert merge_main(["--adapter", str(tiny_llama_dir), "--output", str(tmp_path / "m2")]) == 2
+    assert "error: --output" in capsys.readouterr().err

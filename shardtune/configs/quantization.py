@@ -1,4 +1,5 @@
-"""quantization_config: bitsandbytes settings used when train_config.quantization is set."""
+"""quantization_config: bitsandbytes settings used when train_config.quantization is set (QLoRA;
+policies/quantization.py says what a quantized run changes)."""
 from dataclasses import dataclass
 
 import torch
@@ -14,8 +15,10 @@ class quantization_config:
     compute_dtype: torch.dtype = doc(torch.bfloat16, "Compute dtype of the 4-bit layers (bfloat16, float16 or "
                                                      "float32).")
     use_double_quant: bool = doc(False, "Quantize the quantization constants too.")
-    quant_storage: torch.dtype = doc(torch.bfloat16, "Storage dtype of packed 4-bit weights (set equal to the "
-                                                     "compute dtype under FSDP).")
+    quant_storage: torch.dtype = doc(torch.bfloat16, "Dtype the packed 4-bit weights are stored as: bfloat16, "
+                                                     "float16, float32 or uint8. Under FSDP it must be the dtype the "
+                                                     "unit is gathered in (bfloat16 for the default bf16 precision, "
+                                                     "float32 for --precision fp32); checked at start.")
 
     def create_bnb_config(self, quantization: str):
         """BitsAndBytesConfig for '4bit' / '8bit'. Raises ValueError for anything else."""

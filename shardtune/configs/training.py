@@ -29,9 +29,10 @@ class train_config:
                                            "flash-attn is installed, sdpa on CPU, for padded batches and for prefix "
                                            "tuning. Logged at start.")
     torch_compile: str = doc("auto", "auto | True | False: torch.compile each decoder layer (the first steps pay the "
-                                     "compile time). 'auto': on for CUDA GPUs, off on CPU.")
-    quantization: Optional[str] = doc(None, "'4bit' or '8bit' bitsandbytes quantization of the base model (needs the "
-                                             "optional bitsandbytes package and a CUDA GPU).")
+                                     "compile time). 'auto': on for CUDA GPUs, off on CPU and with --quantization.")
+    quantization: Optional[str] = doc(None, "'4bit' or '8bit' bitsandbytes quantization of the frozen base model "
+                                             "under LoRA (QLoRA; needs the optional bitsandbytes package and a CUDA "
+                                             "GPU). 4bit also under FSDP; settings in quantization_config.")
     # ---- distributed -------------------------------------------------------------------------
     enable_fsdp: bool = doc(False, "Shard the model with FSDP (run under torchrun).")
     low_cpu_fsdp: bool = doc(False, "With FSDP: only rank 0 reads the weights; the other ranks build the model on "

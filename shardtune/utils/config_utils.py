@@ -99,7 +99,8 @@ def _plain(value):
 _TRUE = {"true", "1", "yes", "y", "on"}
 _FALSE = {"false", "0", "no", "n", "off"}
 _DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
-           "half": torch.float16, "float32": torch.float32, "fp32": torch.float32, "float": torch.float32}
+           "half": torch.float16, "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+           "uint8": torch.uint8}  # uint8: bitsandbytes' packed 4-bit storage (quantization_config.quant_storage)
 
 
 def _type_name(tp) -> str:
@@ -405,8 +406,15 @@ def validate(run: RunConfigs) -> None:
     need(t.quantization in (None, "4bit", "8bit"),
          f"--quantization: expected '4bit' or '8bit', got {t.quantization!r}")
     need(not (t.quantization == "8bit" and t.enable_fsdp),
-         "--quantization 8bit cannot be combined with --enable_fsdp (bitsandbytes int8 weights cannot be sharded); "
-         "use --quantization 4bit")
+         "--quantization 8bit cannot be combined with --enable_fsdp (bitsandbytes int8 weights keep row-wise "
+         "statistics beside int8 storage, which FSDP cannot shard); use --quantization 4bit")
+    if t.quantization:
+        from shardtune.policies.quantization import PEFT_METHODS
+
+        need(t.use_peft, f"--quantization {t.quantization} needs --use_peft: quantized base weights are frozen, "
+                         "only adapters train on them (--use_peft --peft_method lora)")
+        need(t.peft_method in PEFT_METHODS, f"--quantization {t.quantization} with --peft_method {t.peft_method}: "
+                                            f"quantized training is supported with {', '.join(PEFT_METHODS)}")
     need(not t.low_cpu_fsdp or t.enable_fsdp, "--low_cpu_fsdp needs --enable_fsdp")
     if not t.enable_fsdp:
         defaults = C.fsdp_config()
@@ -432,13 +440,25 @@ def validate(run: RunConfigs) -> None:
     q = run.quantization
     need(q.quant_type in ("fp4", "nf4"), f"--quantization_config.quant_type: expected 'fp4' or 'nf4', got "
                                          f"{q.quant_type!r}")
+    from shardtune.policies.quantization import COMPUTE_DTYPES, QUANT_STORAGE, dtype_name
+
+    need(q.compute_dtype in COMPUTE_DTYPES, f"--quantization_config.compute_dtype: expected one of "
+         f"{' | '.join(map(dtype_name, COMPUTE_DTYPES))}, got {dtype_name(q.compute_dtype)}")
+    need(q.quant_storage in QUANT_STORAGE, f"--quantization_config.quant_storage: expected one of "
+         f"{' | '.join(map(dtype_name, QUANT_STORAGE))}, got {dtype_name(q.quant_storage)}")
+    need(not (t.quantization == "4bit" and t.enable_fsdp and q.quant_storage == torch.uint8),
+         "--quantization_config.quant_storage uint8 cannot be sharded (FSDP splits float tensors only): use "
+         "bfloat16 (the default), the dtype FSDP gathers in")
 
 
 def resolve_compile(run: RunConfigs, device: torch.device) -> bool:
     """--torch_compile: auto means per-layer torch.compile on CUDA GPUs only (Triton kernels; on CPU the
-    compile time is not repaid in a fine-tuning run)."""
+    compile time is not repaid in a fine-tuning run), and not for bitsandbytes layers (their weights change
+    class when FSDP gathers them, and bitsandbytes restores state inside forward: not measured compiled)."""
     value = str(run.train.torch_compile).strip().lower()
-    return device.type == "cuda" if value == "auto" else value in _TRUE
+    if value == "auto":
+        return device.type == "cuda" and not run.train.quantization
+    return value in _TRUE
 
 
 def save_resolved(run: RunConfigs, path: Path) -> None:

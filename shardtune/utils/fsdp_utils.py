@@ -33,11 +33,12 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from shardtune.configs.fsdp import ShardingStrategy
-from shardtune.utils.config_utils import ConfigError, RunConfigs
+from shardtune.policies.quantization import is_quantized
+from shardtune.observability.logging import log, log_all
 from shardtune.utils import distributed
 from shardtune.utils import precision as P
+from shardtune.utils.config_utils import ConfigError, RunConfigs
 from shardtune.utils.distributed import DistInfo
-from shardtune.observability.logging import log, log_all
 
 
 # ---------------------------------------------------------------------------------------------
@@ -140,9 +141,14 @@ def shard_model(model: nn.Module, run: RunConfigs, dist_info: DistInfo, precisio
     mesh, plan = build_mesh(run, dist_info)
 
     P.cast_parameters(model, precision)  # bf16_pure: bf16 parameters (buffers such as RoPE frequencies stay fp32)
+    if t.quantization:
+        from shardtune.policies.quantization import prepare_for_sharding
 
-    # Rank 0's full weights for --low_cpu_fsdp, taken before sharding replaces the parameters.
-    low_cpu = t.low_cpu_fsdp
+        prepare_for_sharding(model)
+
+    # Rank 0's full weights for --low_cpu_fsdp, taken before sharding replaces the parameters. (A quantized
+    # model was loaded by every rank itself: see policies/quantization.py.)
+    low_cpu = t.low_cpu_fsdp and not t.quantization
     full_state = model.state_dict() if low_cpu and dist_info.is_main else {}
     on_meta = any(p.is_meta for p in model.parameters())
     if on_meta and not low_cpu:
@@ -202,12 +208,12 @@ class UnitPlacer:
 
     def __init__(self, precision: str, device: Optional[torch.device], frozen_in_compute_dtype: bool):
         self.master = P.master_dtype(precision)
-        self.frozen = (P.compute_dtype(precision) or self.master) if frozen_in_compute_dtype else self.master
+        self.frozen = P.frozen_dtype(precision) if frozen_in_compute_dtype else self.master
         self.device = device
 
     def __call__(self, params) -> None:
         for p in params:
-            if not p.is_floating_point():
+            if not p.is_floating_point() or is_quantized(p):  # packed 4-bit bytes: a cast would destroy them
                 continue
             want = self.master if p.requires_grad else self.frozen
             if p.dtype != want or (self.device is not None and p.device != self.device):

@@ -64,6 +64,11 @@ def reduce_dtype(mode: str) -> Optional[torch.dtype]:
     return _TABLE[mode][2]
 
 
+def frozen_dtype(mode: str) -> torch.dtype:
+    """The dtype a weight that never gets an update is stored in: the compute dtype (no master copy needed)."""
+    return compute_dtype(mode) or master_dtype(mode)
+
+
 def checkpoint_mode(mode: str) -> str:
     """The mode to rebuild a model in to read a checkpoint: its parameters are the stored ones (bf16 for
     bf16_pure, fp32 for every other mode)."""
@@ -72,11 +77,14 @@ def checkpoint_mode(mode: str) -> str:
 
 def cast_parameters(model: torch.nn.Module, mode: str) -> None:
     """bf16_pure: floating-point parameters (not buffers: RoPE frequencies stay fp32) become bf16. Other
-    modes keep the dtype the model was loaded in."""
+    modes keep the dtype the model was loaded in. Quantized weights are never cast (their dtype is a view of
+    packed bytes: policies/quantization.py)."""
+    from shardtune.policies.quantization import is_quantized
+
     if mode != "bf16_pure":
         return
     for p in model.parameters():
-        if p.is_floating_point() and p.dtype != torch.bfloat16:
+        if p.is_floating_point() and p.dtype != torch.bfloat16 and not is_quantized(p):
             p.data = p.data.to(torch.bfloat16)
 
 
@@ -95,5 +103,5 @@ def grad_scaler(mode: str, device: torch.device):
     return torch.amp.GradScaler(device.type) if mode == "fp16_mixed" else None
 
 
-__all__ = ["MODES", "resolve", "master_dtype", "compute_dtype", "reduce_dtype", "checkpoint_mode",
+__all__ = ["MODES", "resolve", "master_dtype", "compute_dtype", "reduce_dtype", "frozen_dtype", "checkpoint_mode",
            "cast_parameters", "autocast", "grad_scaler"]
