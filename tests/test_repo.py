@@ -25,6 +25,10 @@ def test_quickstart_has_two_commands_and_ci_runs_the_test_one_verbatim():
     assert "pytest" in setup_and_test and "torch==2.13.0" in setup_and_test
     ci_lines = (REPO / ".ci" / "run").read_text().splitlines()
     assert setup_and_test in ci_lines
+    # what the README says CI sets around the command is what .ci/run sets
+    readme = (REPO / "README.md").read_text()
+    exports = [ln for ln in ci_lines if ln.startswith("export ")]
+    assert exports and all(f"`{ln}`" in " ".join(readme.split()) for ln in exports)
 
 
 def test_console_script_prints_help():
