@@ -1,7 +1,12 @@
-"""``main``: configs -> model, data, optimizer -> the training loop -> saved outputs.
+"""``main``: one straight path through named modules, one numbered block each.
 
-Read top to bottom; each numbered block is one stage. All checks that can fail on user input run
-before the model's weights are loaded.
+1. config (configs/, utils/config_utils.py)    2. processes, device, precision (utils/distributed.py,
+utils/precision.py)    3. data (datasets/, data/)    4. model (utils/model_builder.py)    5. wrap
+(utils/fsdp_utils.py)    6. optimizer    7. loop (utils/train_utils.py), which writes checkpoints and the
+exported model (model_checkpointing/). Observability (observability/) watches from the side.
+
+All checks that can fail on user input run before the model's weights are loaded (data comes before the
+model for that reason: a bad data file is found in seconds, not after loading 70B weights).
 """
 from __future__ import annotations
 
@@ -146,7 +151,7 @@ def main(**kwargs) -> dict:
     log(f"--> settings that differ from the defaults (the full config is in {output_dir / 'run_config.yaml'}):\n"
         f"{format_changed_settings(run)}")
 
-    # 4. Model: build (load, adapt with PEFT / freezing), wrap for the loss, then shard or move to the device.
+    # 4. Model: build (load, freeze, PEFT: utils/model_builder.py) and wrap it for the loss (utils/loss.py).
     from shardtune.utils.loss import CausalLMWithLoss
     from shardtune.utils.model_builder import WeightSource, build_model
 
@@ -185,31 +190,17 @@ def main(**kwargs) -> dict:
     log(f"--> model {t.model_name}: {total / 1e6:.2f}M parameters, "
         f"{sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.2f}M trainable")
 
-    if t.enable_fsdp and dist_info.distributed:
-        from shardtune.utils.fsdp_utils import set_gradient_sync, shard_model
+    # 5. Wrap: shard with FSDP2 under torchrun, else move to the device; activation checkpointing either way.
+    from shardtune.utils.fsdp_utils import wrap_model
 
-        model = shard_model(model, run, dist_info, precision)
-        sync_fn = set_gradient_sync
-    else:
-        if t.enable_fsdp:
-            log("--> --enable_fsdp with a single process: training without sharding")
-        if bnb_config is None:
-            model.to(device)
-        if run.fsdp.fsdp_activation_checkpointing:  # the same per-layer checkpointing as under FSDP
-            from shardtune.policies.activation_checkpointing import apply_activation_checkpointing
-            from shardtune.policies.wrapping import fsdp_units
+    model, sync_fn = wrap_model(model, run, dist_info, precision, on_device=bnb_config is not None)
 
-            apply_activation_checkpointing(model, fsdp_units(model)[::run.fsdp.ac_every_n_layers])
-            log("--> activation checkpointing on (each decoder layer recomputed in backward"
-                + (f"; 1 of every {run.fsdp.ac_every_n_layers} layers)" if run.fsdp.ac_every_n_layers > 1 else ")"))
-        sync_fn = lambda m, sync: None  # noqa: E731
-
-    # 5. Optimizer, schedule, precision helpers.
+    # 6. Optimizer, schedule, precision helpers.
     optimizer = build_optimizer(model, run, device)
     lr_scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=t.gamma)
     scaler = P.grad_scaler(precision, device)
 
-    # 6. Train.
+    # 7. Train; checkpoints and the exported model are written from inside the loop (model_checkpointing/).
     from shardtune.model_checkpointing.checkpoint import Checkpointer
     from shardtune.utils.disk import guard_saves, warn_if_low_disk
     from shardtune.observability.metrics import MetricsWriter

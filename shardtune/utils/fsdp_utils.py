@@ -123,6 +123,30 @@ def build_mesh(run: RunConfigs, dist_info: DistInfo):
 # ---------------------------------------------------------------------------------------------
 # Sharding
 # ---------------------------------------------------------------------------------------------
+def wrap_model(model: nn.Module, run: RunConfigs, dist_info: DistInfo, precision: str, on_device: bool = False):
+    """The wrap step of a run: (model ready to train, set_gradient_sync for the loop).
+
+    Under torchrun with --enable_fsdp: sharded by ``shard_model``. In one process: moved to the device
+    (``on_device``: a quantized model is there already) with the same per-layer activation checkpointing as
+    under FSDP, and gradient sync is a no-op.
+    """
+    if run.train.enable_fsdp and dist_info.distributed:
+        return shard_model(model, run, dist_info, precision), set_gradient_sync
+    f = run.fsdp
+    if run.train.enable_fsdp:
+        log("--> --enable_fsdp with a single process: training without sharding")
+    if not on_device:
+        model.to(dist_info.device)
+    if f.fsdp_activation_checkpointing:
+        from shardtune.policies.activation_checkpointing import apply_activation_checkpointing
+        from shardtune.policies.wrapping import fsdp_units
+
+        apply_activation_checkpointing(model, fsdp_units(model)[::f.ac_every_n_layers])
+        log("--> activation checkpointing on (each decoder layer recomputed in backward"
+            + (f"; 1 of every {f.ac_every_n_layers} layers)" if f.ac_every_n_layers > 1 else ")"))
+    return model, lambda m, sync: None
+
+
 def shard_model(model: nn.Module, run: RunConfigs, dist_info: DistInfo, precision: str) -> nn.Module:
     """Shard ``model`` (the CausalLMWithLoss wrapper) in place with FSDP2 and return it.
 
