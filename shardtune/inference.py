@@ -42,7 +42,7 @@ def load_for_inference(model_name: str, peft_model: Optional[str] = None, device
     run = RunConfigs()
     run.train.model_name, run.train.use_peft = model_name, bool(peft_model)
     model = build_model(run, WeightSource(model_name, peft_model), precision, device, tokenizer, packing=False,
-                        trainable=False)
+                        trainable=False, adapter_flag="--peft_model")
     model.to(device).eval()
     return model, tokenizer
 

@@ -51,10 +51,11 @@ def _probe_logits(model, ids: torch.Tensor) -> torch.Tensor:
 
 def merge(adapter: Path, output: Path, model_name: Optional[str] = None, dtype: str = "bfloat16") -> Path:
     """Write base + adapter, merged, to ``output`` in ``dtype``; returns ``output``."""
-    from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     from shardtune.model_checkpointing.export import export_model
+    from shardtune.utils.config_utils import RunConfigs
+    from shardtune.utils.model_builder import WeightSource, build_model
     from shardtune.utils.model_utils import ModelSource, load_model_config, load_tokenizer
 
     if dtype not in DTYPES:
@@ -68,14 +69,10 @@ def merge(adapter: Path, output: Path, model_name: Optional[str] = None, dtype: 
     load_model_config(src)  # one line for a wrong path or a model that is not a causal LM
     # The adapter folder carries the tokenizer the run trained with (added tokens included).
     tokenizer = load_tokenizer(str(adapter) if (adapter / "tokenizer_config.json").is_file() else base)
-    model = AutoModelForCausalLM.from_pretrained(src.path, dtype=torch.float32, **src.kwargs())
-    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
-        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-    try:
-        model = PeftModel.from_pretrained(model, str(adapter))
-    except Exception as exc:  # noqa: BLE001 - wrong base for this adapter, damaged file: one line
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise ConfigError(f"--adapter: cannot apply {adapter} to {base}: {first}") from None
+    run = RunConfigs()  # the same build_model as training and inference: fp32 base on the CPU, adapter applied
+    run.train.model_name, run.train.use_peft = base, True
+    model = build_model(run, WeightSource(base, str(adapter)), "fp32", torch.device("cpu"), tokenizer,
+                        packing=False, trainable=False, adapter_flag="--adapter")
     vocab = model.get_input_embeddings().weight.shape[0]
     probe = torch.arange(1, 33).remainder(vocab).unsqueeze(0)
     want = _probe_logits(model, probe)

@@ -34,13 +34,14 @@ class WeightSource:
 
 def build_model(run: RunConfigs, source: WeightSource, precision: str, device: torch.device, tokenizer, *,
                 meta: bool = False, packing: bool = True, dtype: Optional[torch.dtype] = None, bnb_config=None,
-                trainable: bool = True) -> torch.nn.Module:
+                trainable: bool = True, adapter_flag: str = "--from_peft_checkpoint") -> torch.nn.Module:
     """The causal LM of ``run`` (a PeftModel with --use_peft), its weights in ``precision``'s master dtype
     (or ``dtype``), on the CPU (or on ``device`` when quantized). Sharding and moving to the device are the
     caller's (utils/fsdp_utils.py).
 
     meta=True: the architecture on the meta device, no weights read (low_cpu_fsdp ranks other than 0; rank 0
-    broadcasts the weights after sharding). trainable=False: adapters are loaded for inference only.
+    broadcasts the weights after sharding). trainable=False: adapters are loaded for inference only;
+    adapter_flag: the option an error about the adapter folder names.
     """
     from shardtune.utils.model_utils import freeze_first_layers, load_model, maybe_resize_embeddings
 
@@ -57,7 +58,7 @@ def build_model(run: RunConfigs, source: WeightSource, precision: str, device: t
     if t.use_peft:
         from shardtune.utils.peft_utils import apply_peft
 
-        lm = apply_peft(lm, run, source.adapter, trainable=trainable)
+        lm = apply_peft(lm, run, source.adapter, trainable=trainable, flag=adapter_flag)
     return lm
 
 

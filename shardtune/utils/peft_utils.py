@@ -55,7 +55,8 @@ def _adaption_prompt_types():
     return sorted(TRANSFORMERS_MODEL_CONFIG)
 
 
-def apply_peft(model, run: RunConfigs, adapter: Optional[str] = None, trainable: bool = True):
+def apply_peft(model, run: RunConfigs, adapter: Optional[str] = None, trainable: bool = True,
+               flag: str = "--from_peft_checkpoint"):
     """Wrap ``model`` in a PeftModel: fresh adapters from the run's PEFT config, or those in the ``adapter``
     folder (--from_peft_checkpoint, or a resumed checkpoint's: model_builder.WeightSource). trainable=False
     loads the adapter for inference."""
@@ -66,8 +67,7 @@ def apply_peft(model, run: RunConfigs, adapter: Optional[str] = None, trainable:
         try:
             model = PeftModel.from_pretrained(model, adapter, is_trainable=trainable)
         except Exception as exc:  # noqa: BLE001
-            raise ConfigError(f"--from_peft_checkpoint: cannot load an adapter from {adapter!r}: "
-                              f"{first_line(exc)}") from None
+            raise ConfigError(f"{flag}: cannot load an adapter from {adapter!r}: {first_line(exc)}") from None
         log(f"--> {'continuing from' if trainable else 'applying'} adapter {adapter}")
         if not trainable:
             return model
