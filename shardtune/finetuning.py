@@ -135,7 +135,8 @@ def main(**kwargs) -> dict:
         check_fsdp_config(run, dist_info)  # mesh sizes, CPU offload: one-line errors before anything is loaded
     from shardtune.model_checkpointing.checkpoint import find_resume_point
 
-    resume = find_resume_point(run, run_dir.previous_run_id, dist_info.world_size)  # --resume_from DIR | auto; None: from scratch
+    # --resume_from DIR | auto -> the checkpoint to continue from (None: from scratch)
+    resume = find_resume_point(run, run_dir.previous_run_id, dist_info.world_size)
     run_id = (resume.info.get("run_id") or run_dir.run_id) if resume else run_dir.run_id
 
     # 3. Data (file errors surface here, before the weights are read). A data error removes the tokenised

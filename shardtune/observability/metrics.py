@@ -58,7 +58,7 @@ def read_metrics(path, kind: str = None) -> list:
     from pathlib import Path
 
     path = Path(path)
-    files = sorted(path.glob("metrics_*.jsonl")) if path.is_dir() else [path]
+    files = [path] if path.is_file() else sorted(path.glob("metrics_*.jsonl"))  # no folder yet: no records
     records = []
     for file in files:
         records += [json.loads(line) for line in file.read_text(encoding="utf-8").splitlines()
