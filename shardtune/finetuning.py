@@ -25,8 +25,8 @@ from shardtune.utils import distributed
 from shardtune.utils import precision as P
 from shardtune.utils.config_utils import (ConfigError, RunConfigs, first_line, parse_cli, resolve_compile,
                                           save_resolved)
-from shardtune.utils.io import atomic_write_text, remove_new_files_on_error
 from shardtune.observability.logging import log, warn
+from shardtune.utils.io import atomic_write_text, remove_new_files_on_error
 from shardtune.utils.preemption import PREEMPTED_EXIT_CODE, Preempted
 from shardtune.utils.rng import seed_everything
 
@@ -203,8 +203,8 @@ def main(**kwargs) -> dict:
 
     # 7. Train; checkpoints and the exported model are written from inside the loop (model_checkpointing/).
     from shardtune.model_checkpointing.checkpoint import Checkpointer
-    from shardtune.utils.disk import guard_saves, warn_if_low_disk
     from shardtune.observability.metrics import MetricsWriter
+    from shardtune.utils.disk import guard_saves, warn_if_low_disk
     from shardtune.utils.preemption import StopRequest
     from shardtune.utils.train_utils import TrainContext, train
 

@@ -16,8 +16,8 @@ from shardtune.data.collate import PaddingCollator, packed_collator
 from shardtune.data.packing import pack_dataset
 from shardtune.data.sampler import LengthBasedBatchSampler, RandomBatchSampler
 from shardtune.observability.logging import log, warn
-from shardtune.utils.preemption import ignore_stop_signals
 from shardtune.utils.loss import IGNORE_INDEX
+from shardtune.utils.preemption import ignore_stop_signals
 
 
 class WithFillers(Dataset):

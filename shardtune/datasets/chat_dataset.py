@@ -18,8 +18,8 @@ from typing import Dict, List, Tuple
 
 from shardtune.datasets.common import (TRAIN_SPLITS, VAL_SPLITS, read_json_records, require_file,
                                        split_records)
-from shardtune.utils.config_utils import ConfigError
 from shardtune.observability.logging import warn
+from shardtune.utils.config_utils import ConfigError
 from shardtune.utils.loss import IGNORE_INDEX
 
 # Used when the tokenizer has no chat template (the same format as the bundled tiny model's).

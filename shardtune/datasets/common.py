@@ -11,8 +11,8 @@ import random
 from pathlib import Path
 from typing import Dict, List, Sequence
 
-from shardtune.utils.config_utils import ConfigError
 from shardtune.observability.logging import warn
+from shardtune.utils.config_utils import ConfigError
 from shardtune.utils.loss import IGNORE_INDEX
 
 VAL_FRACTION = 0.05

@@ -45,11 +45,11 @@ from shardtune.configs.fsdp import StateDictType
 from shardtune.model_checkpointing import integrity
 from shardtune.model_checkpointing.export import (SaveError, canonical_name, export_pretrained, is_peft_model,
                                                   read_export_info)
-from shardtune.utils import distributed
-from shardtune.utils.distributed import DistInfo
-from shardtune.utils.config_utils import ConfigError, RunConfigs, first_line
-from shardtune.utils.io import TMP_MARKER, atomic_write_text, replace_directory
 from shardtune.observability.logging import log, warn
+from shardtune.utils import distributed
+from shardtune.utils.config_utils import ConfigError, RunConfigs, first_line
+from shardtune.utils.distributed import DistInfo
+from shardtune.utils.io import TMP_MARKER, atomic_write_text, replace_directory
 from shardtune.utils.rng import rng_state, set_rng_state
 
 STATE_FILE = "state.json"

@@ -58,9 +58,9 @@ def convert(checkpoint: Path, output: Path, model_name: Optional[str] = None, dt
     from shardtune.configs.fsdp import StateDictType
     from shardtune.model_checkpointing.checkpoint import quiet_single_process, read_state
     from shardtune.model_checkpointing.export import export_pretrained
+    from shardtune.utils import precision as P
     from shardtune.utils.config_utils import parse_cli
     from shardtune.utils.loss import CausalLMWithLoss
-    from shardtune.utils import precision as P
     from shardtune.utils.model_builder import WeightSource, build_model
     from shardtune.utils.model_utils import ModelSource, load_model_config, load_tokenizer
 

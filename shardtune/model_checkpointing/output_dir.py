@@ -23,9 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional
 
+from shardtune.observability.logging import log, warn
 from shardtune.utils.config_utils import ConfigError, RunConfigs
 from shardtune.utils.io import TMP_MARKER, atomic_write_text
-from shardtune.observability.logging import log, warn
 
 RUN_FILE = "run.json"
 MODEL_DIR = "model"

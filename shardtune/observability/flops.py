@@ -31,9 +31,9 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from shardtune.utils import distributed
 from shardtune.observability.logging import warn
 from shardtune.observability.metrics import StepObserver
+from shardtune.utils import distributed
 
 
 # ---------------------------------------------------------------------------------------------

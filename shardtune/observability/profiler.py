@@ -13,10 +13,10 @@ from pathlib import Path
 
 import torch
 
-from shardtune.utils import distributed
-from shardtune.utils.config_utils import ConfigError, RunConfigs
 from shardtune.observability.logging import log, warn
 from shardtune.observability.metrics import StepObserver
+from shardtune.utils import distributed
+from shardtune.utils.config_utils import ConfigError, RunConfigs
 
 
 def profiler_dir(run: RunConfigs) -> Path:

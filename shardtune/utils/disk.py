@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Callable, Iterable, Optional
 
 from shardtune.model_checkpointing.export import SaveError
+from shardtune.observability.logging import warn
 from shardtune.utils import distributed
 from shardtune.utils.io import TMP_MARKER
-from shardtune.observability.logging import warn
 
 MB = 2**20
 

@@ -33,8 +33,8 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from shardtune.configs.fsdp import ShardingStrategy
-from shardtune.policies.quantization import is_quantized
 from shardtune.observability.logging import log, log_all
+from shardtune.policies.quantization import is_quantized
 from shardtune.utils import distributed
 from shardtune.utils import precision as P
 from shardtune.utils.config_utils import ConfigError, RunConfigs

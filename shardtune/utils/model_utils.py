@@ -14,8 +14,8 @@ from typing import Optional
 
 import torch
 
-from shardtune.utils.config_utils import ConfigError, first_line
 from shardtune.observability.logging import log, warn
+from shardtune.utils.config_utils import ConfigError, first_line
 
 @dataclass(frozen=True)
 class ModelSource:

@@ -6,8 +6,8 @@ from typing import Optional
 
 import torch
 
-from shardtune.utils.config_utils import ConfigError, RunConfigs, first_line
 from shardtune.observability.logging import log, warn
+from shardtune.utils.config_utils import ConfigError, RunConfigs, first_line
 from shardtune.utils.model_utils import decoder_layers
 
 

@@ -17,8 +17,8 @@ from typing import Optional
 
 import torch
 
-from shardtune.utils import distributed
 from shardtune.observability.logging import log
+from shardtune.utils import distributed
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL (sysexits.h): a temporary failure, rerun to continue
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)

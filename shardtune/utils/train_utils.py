@@ -17,9 +17,9 @@ from typing import Callable, ContextManager, Iterator, List, Optional
 import torch
 from tqdm import tqdm
 
+from shardtune.observability.logging import log
 from shardtune.utils import distributed
 from shardtune.utils.config_utils import RunConfigs
-from shardtune.observability.logging import log
 from shardtune.utils.loss import count_supervised_tokens
 from shardtune.observability.memory import (GB, MemoryTracker, device_peak_allocated_bytes, device_peak_reserved_bytes,
                                          host_peak_rss_bytes)
