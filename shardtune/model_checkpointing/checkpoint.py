@@ -357,6 +357,10 @@ class Checkpointer:
         --freeze_layers are left out of sharded checkpoints). full=True gathers it on rank 0. Collective."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
+        if self.is_peft and not self.info.distributed:
+            # One process: the trained parameters themselves. (get_model_state_dict asks every module for its
+            # state dict, and bitsandbytes' int8 layers cannot produce theirs while they train.)
+            return {canonical_name(n): p.detach() for n, p in self.model.named_parameters() if p.requires_grad}
         options = StateDictOptions(full_state_dict=full, cpu_offload=full and self.info.distributed,
                                    ignore_frozen_params=self.is_peft or not full)
         sd = get_model_state_dict(self.model, options=options)
