@@ -175,7 +175,7 @@ def main(**kwargs) -> dict:
                      and not run.fsdp.fsdp_cpu_offload and bnb_config is None and source.model == t.model_name)
     load_dtype = export_dtype if upcast_on_gpu else None  # None: the precision mode's master dtype
     if bnb_config is not None:  # everything but the adapters is frozen: stored in the compute dtype
-        from shardtune.policies.quantization import frozen_dtype
+        from shardtune.utils.precision import frozen_dtype
 
         load_dtype = frozen_dtype(precision)
     from shardtune.data.loader import is_packed

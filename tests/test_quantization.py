@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from shardtune.policies.quantization import check_quantization, frozen_dtype, is_quantized
+from shardtune.policies.quantization import check_quantization, is_quantized
 from shardtune.utils.config_utils import ConfigError, parse_cli, resolve_compile
+from shardtune.utils.precision import frozen_dtype
 
 
 def _run(**kw):

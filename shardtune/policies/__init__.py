@@ -1,2 +1,2 @@
 """How the model is sharded and computed: FSDP units (wrapping), gather / reduce dtypes (mixed_precision),
-activation checkpointing, torch.compile per layer, and the low-precision AnyPrecisionAdamW optimizer."""
+activation checkpointing, torch.compile per layer, quantized (QLoRA) base weights, and AnyPrecisionAdamW."""

@@ -2,7 +2,7 @@
 
 What the rest of the run asks of a quantized model, and why:
 
-* Storage dtype of the frozen weights (:func:`frozen_dtype`). Everything except the LoRA adapters is frozen, so
+* Storage dtype of the frozen weights (``utils.precision.frozen_dtype``). Everything except the LoRA adapters is frozen, so
   the non-quantized parts (embeddings, norms, output layer) are loaded in the compute dtype of the precision
   mode (bf16 for bf16_mixed): a weight that never gets an update needs no fp32 master copy. The adapters get
   the master dtype (fp32 under mixed precision) from peft.
@@ -36,15 +36,10 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def frozen_dtype(precision: str) -> torch.dtype:
-    """Dtype of the frozen, non-quantized weights: what they are computed in (see the module docstring)."""
-    from shardtune.utils.precision import frozen_dtype as compute_or_master
-
-    return compute_or_master(precision)
-
-
 def fsdp_storage_dtype(precision: str) -> torch.dtype:
     """The dtype FSDP2 all-gathers a frozen weight in; packed 4-bit storage must be exactly this."""
+    from shardtune.utils.precision import frozen_dtype
+
     return frozen_dtype(precision)
 
 
