@@ -76,13 +76,10 @@ def main(**kwargs) -> dict:
     if distributed.env_world_size() > 1 and not t.enable_fsdp:
         raise ConfigError(f"launched with {distributed.env_world_size()} processes but without --enable_fsdp: "
                           "add --enable_fsdp to shard the model (or run one process)")
-    if t.quantization and not torch.cuda.is_available():
-        raise ConfigError("--quantization needs a CUDA GPU (bitsandbytes); drop --quantization to train on CPU")
     if t.quantization:
-        import importlib.util
+        from shardtune.policies.quantization import check_available
 
-        if importlib.util.find_spec("bitsandbytes") is None:
-            raise ConfigError("--quantization needs bitsandbytes: pip install 'shardtune[quant]'")
+        check_available()  # a CUDA GPU and bitsandbytes: one line, before anything is loaded
     from shardtune.observability.profiler import check_profiler_config
     from shardtune.observability.trackers import check_trackers
 
@@ -169,19 +166,11 @@ def main(**kwargs) -> dict:
     export_dtype = getattr(model_config, "dtype", None) or torch.float32
     if isinstance(export_dtype, str):
         export_dtype = getattr(torch, export_dtype)
-    # Sharded on GPUs: read the checkpoint's dtype; shard_model upcasts one FSDP unit at a time on the GPU,
-    # so no rank holds an fp32 copy of the whole model in host memory.
-    upcast_on_gpu = (t.enable_fsdp and dist_info.distributed and device.type == "cuda" and not t.low_cpu_fsdp
-                     and not run.fsdp.fsdp_cpu_offload and bnb_config is None and source.model == t.model_name)
-    load_dtype = export_dtype if upcast_on_gpu else None  # None: the precision mode's master dtype
-    if bnb_config is not None:  # everything but the adapters is frozen: stored in the compute dtype
-        from shardtune.utils.precision import frozen_dtype
-
-        load_dtype = frozen_dtype(precision)
     from shardtune.data.loader import is_packed
+    from shardtune.utils.model_builder import load_dtype
 
     lm = build_model(run, source, precision, device, tokenizer, meta=meta, packing=is_packed(train_loader),
-                     dtype=load_dtype, bnb_config=bnb_config)
+                     dtype=load_dtype(run, precision, dist_info, source, export_dtype), bnb_config=bnb_config)
     model = CausalLMWithLoss(lm)
     if resolve_compile(run, device):
         from shardtune.policies.compile import compile_decoder_layers

@@ -43,6 +43,18 @@ def fsdp_storage_dtype(precision: str) -> torch.dtype:
     return frozen_dtype(precision)
 
 
+def check_available() -> None:
+    """--quantization runs on CUDA GPUs with the optional bitsandbytes package; one line otherwise."""
+    import importlib.util
+
+    from shardtune.utils.config_utils import ConfigError
+
+    if not torch.cuda.is_available():
+        raise ConfigError("--quantization needs a CUDA GPU (bitsandbytes); drop --quantization to train on CPU")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError("--quantization needs bitsandbytes: pip install 'shardtune[quant]'")
+
+
 def check_quantization(run, precision: str, sharded: bool) -> None:
     """Combinations that cannot work, as one line each, once the precision mode is known (before loading)."""
     from shardtune.utils.config_utils import ConfigError

@@ -32,6 +32,25 @@ class WeightSource:
         return cls(model, adapter or None)
 
 
+def load_dtype(run: RunConfigs, precision: str, dist_info, source: WeightSource,
+               checkpoint_dtype: torch.dtype) -> Optional[torch.dtype]:
+    """The dtype the weights are read in; None: the precision mode's master dtype (utils/precision.py).
+
+    * Quantized base (QLoRA): everything but the adapters is frozen, so it is stored in the compute dtype.
+    * Sharded on GPUs (no --low_cpu_fsdp, no CPU offload, the base checkpoint itself): the checkpoint's own
+      dtype; shard_model upcasts one FSDP unit at a time on the GPU, so no rank holds an fp32 copy of the whole
+      model in host memory.
+    """
+    t = run.train
+    if t.quantization:
+        from shardtune.utils.precision import frozen_dtype
+
+        return frozen_dtype(precision)
+    upcast_on_gpu = (t.enable_fsdp and dist_info.distributed and dist_info.device.type == "cuda"
+                     and not t.low_cpu_fsdp and not run.fsdp.fsdp_cpu_offload and source.model == t.model_name)
+    return checkpoint_dtype if upcast_on_gpu else None
+
+
 def build_model(run: RunConfigs, source: WeightSource, precision: str, device: torch.device, tokenizer, *,
                 meta: bool = False, packing: bool = True, dtype: Optional[torch.dtype] = None, bnb_config=None,
                 trainable: bool = True, adapter_flag: str = "--from_peft_checkpoint") -> torch.nn.Module:
