@@ -157,10 +157,12 @@ def test_resolved_config_round_trips(tmp_path):
 
 def test_demo_preset_only_without_model_name():
     demo = parse_cli({})
-    assert demo.demo_preset and demo.train.context_length == 512
+    assert demo.demo_preset and demo.train.context_length == 512 and not demo.fsdp.fsdp_activation_checkpointing
+    assert parse_cli({"fsdp_activation_checkpointing": True}).fsdp.fsdp_activation_checkpointing  # flags win
     assert parse_cli({"context_length": 64}).train.context_length == 64        # flags override the preset
     real = parse_cli({"model_name": "x/y"})
     assert not real.demo_preset and real.train.context_length == 4096 and real.train.lr == pytest.approx(1e-4)
+    assert real.fsdp.fsdp_activation_checkpointing  # real models keep activation checkpointing on
 
 
 def test_retired_reference_fields_warn_or_are_refused(capsys):

@@ -11,4 +11,7 @@ DEMO_PRESET = {
     "train_config.batch_size_training": 8,
     "train_config.lr": 1e-3,
     "train_config.num_epochs": 2,
+    # A 2-layer model on a CPU: recomputing its layers saves no memory worth having and costs a third of the
+    # step time (measured: 31.5 vs 23.6 s per epoch on 2 cores). Real models keep the default (on).
+    "fsdp_config.fsdp_activation_checkpointing": False,
 }
