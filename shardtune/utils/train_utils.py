@@ -86,15 +86,17 @@ def _take(it: Iterator, n: int) -> list:
     return out
 
 
-def clip_and_measure_grad_norm(model: torch.nn.Module, max_norm: Optional[float]) -> float:
-    """Global L2 norm of the gradients (over all ranks for sharded params); clips when max_norm is set."""
+def clip_and_measure_grad_norm(model: torch.nn.Module, max_norm: Optional[float],
+                               device: torch.device) -> torch.Tensor:
+    """Global L2 norm of the gradients (over all ranks for sharded params), as a 0-d tensor on ``device`` (read
+    it together with the step's loss: one host-device synchronisation); clips when max_norm is set."""
     params = [p for p in model.parameters() if p.grad is not None]
     if not params:
-        return 0.0
+        return torch.zeros((), device=device)
     norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm else float("inf"))
     if hasattr(norm, "full_tensor"):  # DTensor (FSDP2)
         norm = norm.full_tensor()
-    return float(norm)
+    return norm
 
 
 def train(model, train_loader, eval_loader, optimizer, lr_scheduler, ctx: TrainContext,
@@ -170,8 +172,10 @@ def train(model, train_loader, eval_loader, optimizer, lr_scheduler, ctx: TrainC
             #    ranks. Both are global, so every rank takes the same decision below.
             if ctx.scaler is not None:
                 ctx.scaler.unscale_(optimizer)
-            grad_norm = clip_and_measure_grad_norm(model, clip)
-            global_loss_sum = distributed.all_reduce_sum(step_loss_sum.double()).item()
+            grad_norm = clip_and_measure_grad_norm(model, clip, ctx.device)
+            global_loss_sum = distributed.all_reduce_sum(step_loss_sum.double())
+            # One host-device synchronisation for both numbers (the step's others: the token count, step 1).
+            grad_norm, global_loss_sum = torch.stack([grad_norm.to(global_loss_sum), global_loss_sum]).tolist()
             step_loss = global_loss_sum / max(global_tokens, 1.0)
 
             # 4. A diverged step is never applied (the fp16 scaler skips overflowing gradients itself).
