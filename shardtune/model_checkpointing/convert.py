@@ -40,7 +40,8 @@ def _resolve_checkpoint(path: Path) -> Path:
     return path
 
 
-def _dtype(name: Optional[str], default: torch.dtype) -> torch.dtype:
+def output_dtype(name: Optional[str], default: torch.dtype) -> torch.dtype:
+    """--dtype of the converter and the merge helper: auto (``default``) | float32 | bfloat16 | float16."""
     if not name or name == "auto":
         return default
     table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -74,7 +75,7 @@ def convert(checkpoint: Path, output: Path, model_name: Optional[str] = None, dt
     base_config = load_model_config(ModelSource.parse(t.model_name))
     base_dtype = getattr(base_config, "dtype", None) or torch.float32
     base_dtype = getattr(torch, base_dtype) if isinstance(base_dtype, str) else base_dtype
-    out_dtype = _dtype(dtype, base_dtype)
+    out_dtype = output_dtype(dtype, base_dtype)
     ckpt_type = StateDictType[info["checkpoint_type"]]
     print(f"--> converting {checkpoint} (step {info['train_state']['step']}, {ckpt_type.name}, "
           f"{'PEFT ' + str(info.get('peft_method')) if info.get('use_peft') else 'full model'})")

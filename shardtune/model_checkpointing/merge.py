@@ -26,7 +26,6 @@ import torch
 from shardtune.model_checkpointing.export import SaveError
 from shardtune.utils.config_utils import ConfigError
 
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 # Relative logit tolerance of the written model against base + adapter, per written dtype: one rounding of
 # every weight (bf16 keeps 8 mantissa bits).
 TOLERANCE = {torch.bfloat16: 3e-2, torch.float16: 5e-3, torch.float32: 1e-5}
@@ -58,9 +57,9 @@ def merge(adapter: Path, output: Path, model_name: Optional[str] = None, dtype: 
     from shardtune.utils.model_builder import WeightSource, build_model
     from shardtune.utils.model_utils import ModelSource, load_model_config, load_tokenizer
 
-    if dtype not in DTYPES:
-        raise ConfigError(f"--dtype: expected one of {' | '.join(DTYPES)}, got {dtype!r}")
-    out_dtype = DTYPES[dtype]
+    from shardtune.model_checkpointing.convert import output_dtype
+
+    out_dtype = output_dtype(dtype, torch.bfloat16)
     adapter, output = Path(adapter), Path(output)
     if output.exists() and (not output.is_dir() or any(output.iterdir())):
         raise ConfigError(f"--output: {output} exists and is not empty; give a new folder (nothing is overwritten)")
@@ -81,7 +80,7 @@ def merge(adapter: Path, output: Path, model_name: Optional[str] = None, dtype: 
     if not torch.allclose(got, want, rtol=1e-4, atol=1e-4):
         raise SaveError(f"merging {adapter} into {base} changed the model's output (max difference "
                         f"{(got - want).abs().max():.3g}); nothing written")
-    print(f"--> merged {adapter} into {base}; writing {dtype} to {output}")
+    print(f"--> merged {adapter} into {base}; writing {str(out_dtype).removeprefix('torch.')} to {output}")
     merged.to(out_dtype)  # the model's own dtype is what config.json records
     export_model(merged, merged.state_dict(), output, tokenizer, dtype=out_dtype)
     written = AutoModelForCausalLM.from_pretrained(str(output), dtype=torch.float32)
@@ -91,7 +90,7 @@ def merge(adapter: Path, output: Path, model_name: Optional[str] = None, dtype: 
 
         shutil.rmtree(output, ignore_errors=True)
         raise SaveError(f"the merged model written to {output} does not reproduce base + adapter (relative logit "
-                        f"error {err:.3g} > {TOLERANCE[out_dtype]} for {dtype}); removed it")
+                        f"error {err:.3g} > {TOLERANCE[out_dtype]} for {out_dtype}); removed it")
     print(f"--> checked: the written model's logits match base + adapter (relative error {err:.2g})")
     return output
 
@@ -102,7 +101,7 @@ def main(argv=None) -> int:
     parser.add_argument("--adapter", required=True, help="PEFT adapter folder (<output_dir>/model of a PEFT run)")
     parser.add_argument("--output", required=True, help="folder to write the merged Hugging Face model to")
     parser.add_argument("--model_name", default=None, help="unquantized base model (default: the adapter's base)")
-    parser.add_argument("--dtype", default="bfloat16", help="bfloat16 (default) | float16 | float32")
+    parser.add_argument("--dtype", default="bfloat16", help="bfloat16 (default; also 'auto') | float16 | float32")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     try:

@@ -2,10 +2,10 @@
 
 What the rest of the run asks of a quantized model, and why:
 
-* Storage dtype of the frozen weights (``utils.precision.frozen_dtype``). Everything except the LoRA adapters is frozen, so
-  the non-quantized parts (embeddings, norms, output layer) are loaded in the compute dtype of the precision
-  mode (bf16 for bf16_mixed): a weight that never gets an update needs no fp32 master copy. The adapters get
-  the master dtype (fp32 under mixed precision) from peft.
+* Storage dtype of the frozen weights (``utils.precision.frozen_dtype``). Everything except the LoRA adapters
+  is frozen, so the non-quantized parts (embeddings, norms, output layer) are loaded in the compute dtype of
+  the precision mode (bf16 for bf16_mixed): a weight that never gets an update needs no fp32 master copy. The
+  adapters get the master dtype (fp32 under mixed precision) from peft.
 * FSDP2 shards 4-bit weights as they are stored: bitsandbytes packs two 4-bit values per byte and, with
   ``quant_storage`` a float dtype, views the packed bytes as that dtype, so the weight is a float tensor FSDP
   can split. FSDP2 casts every parameter to the policy's ``param_dtype`` for the all-gather: if the packed
@@ -17,8 +17,8 @@ What the rest of the run asks of a quantized model, and why:
   :func:`prepare_for_sharding` makes sure every layer has it before sharding.
 * ``--low_cpu_fsdp``: the broadcast from rank 0 moves a state dict, and a 4-bit layer's state is not a
   parameter (absmax, code book, shapes live beside it). Every rank therefore loads the quantized model itself,
-  straight onto its own GPU: bitsandbytes quantizes tensor by tensor as they are read, so the host never holds
-  more than one checkpoint shard and the GPU only the 4-bit model (measured: benchmarks/README.md).
+  straight onto its own GPU, quantized tensor by tensor as it is read. Each rank's host RSS then counts the
+  memory-mapped checkpoint pages it read (12.8 / 15.4 GB per rank at 8B on 2 GPUs: benchmarks/README.md).
 * 8-bit (``Int8Params``) weights cannot be sharded (int8 storage, row-wise statistics): refused with FSDP.
 """
 from __future__ import annotations
