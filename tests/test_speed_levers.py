@@ -16,7 +16,8 @@ CUDA, CPU = torch.device("cuda"), torch.device("cpu")  # pick_attention only loo
 @pytest.mark.parametrize("flags, message", [
     ({"attn_implementation": "flash3"}, "--attn_implementation: expected one of auto | sdpa | flex_attention"),
     ({"torch_compile": "sometimes"}, "--torch_compile: expected auto, True or False"),
-    ({"fsdp_config.ac_every_n_layers": 0}, r"--fsdp_config.ac_every_n_layers: must be in \[1, inf\)"),
+    ({"fsdp_config.ac_every_n_layers": -1}, r"--fsdp_config.ac_every_n_layers: must be in \[0, inf\)"),
+    ({"fsdp_config.ac_memory_fraction": 1.5}, r"--fsdp_config.ac_memory_fraction: must be in \(0, 1\]"),
 ])
 def test_bad_flag_values_get_one_line(flags, message):
     with pytest.raises(ConfigError, match=message):
@@ -85,7 +86,7 @@ def test_ac_every_n_layers_checkpoints_a_subset_with_unchanged_losses(tiny_llama
     run_ranks(2, base_kwargs(tiny_llama_dir, tmp_path / "all", **ac), tmp_path / "r_all")
     half = run_ranks(2, base_kwargs(tiny_llama_dir, tmp_path / "half", **ac, **{"fsdp_config.ac_every_n_layers": 2}),
                      tmp_path / "r_half")
-    assert "activation checkpointing on for 1 of 2 layers (every 2)" in half[0]["log"]
+    assert "activation checkpointing on for 1 of 2 decoder layers (--fsdp_config.ac_every_n_layers 2)" in half[0]["log"]
     assert step_losses(tmp_path / "half") == pytest.approx(step_losses(tmp_path / "all"), abs=1e-6)
 
 

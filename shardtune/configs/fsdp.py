@@ -43,9 +43,14 @@ class fsdp_config:
     fsdp_activation_checkpointing: bool = doc(True, "Recompute layers in backward, sharded or not. Each "
                                                     "decoder layer's activations are recomputed (non-reentrant) in "
                                                     "every run: under FSDP, on one GPU and on CPU alike.")
-    ac_every_n_layers: int = doc(1, "With fsdp_activation_checkpointing: checkpoint every n-th decoder layer only "
-                                    "(1: all, as the reference; 2: every second layer, about half the recompute "
-                                    "for about half the activation memory of the others).", valid="[1, inf)")
+    ac_every_n_layers: int = doc(0, "With fsdp_activation_checkpointing, which decoder layers recompute: 0 (auto) "
+                                    "checkpoints the fewest layers that keep the step's estimated peak within "
+                                    "ac_memory_fraction of the GPU (every layer off CUDA); 1 every layer, as the "
+                                    "reference; n every n-th layer. The choice and its estimate are logged at "
+                                    "start (policies/activation_budget.py).", valid="[0, inf)")
+    ac_memory_fraction: float = doc(0.5, "With ac_every_n_layers 0: the share of each GPU's memory (capped by what is "
+                                         "free at start) the estimated step may use; lower it when other work "
+                                         "shares the GPU or a run runs out of memory.", valid="(0, 1]")
     fsdp_cpu_offload: bool = doc(False, "Keep sharded parameters, gradients and optimizer state in host memory "
                                         "(sharded GPU runs under torchrun with --enable_fsdp only; refused "
                                         "elsewhere).")

@@ -137,13 +137,11 @@ def wrap_model(model: nn.Module, run: RunConfigs, dist_info: DistInfo, precision
         log("--> --enable_fsdp with a single process: training without sharding")
     if not on_device:
         model.to(dist_info.device)
-    if f.fsdp_activation_checkpointing:
-        from shardtune.policies.activation_checkpointing import apply_activation_checkpointing
-        from shardtune.policies.wrapping import fsdp_units
+    from shardtune.policies.wrapping import fsdp_units
 
-        apply_activation_checkpointing(model, fsdp_units(model)[::f.ac_every_n_layers])
-        log("--> activation checkpointing on (each decoder layer recomputed in backward"
-            + (f"; 1 of every {f.ac_every_n_layers} layers)" if f.ac_every_n_layers > 1 else ")"))
+    _, ac = checkpoint_layers(model, fsdp_units(model), run, precision, dist_info.device, shard_size=1,
+                              reshard_after_forward=False)  # autocast keeps a compute-dtype copy of each weight
+    log(f"--> activation checkpointing: {ac}")
     return model, lambda m, sync: None
 
 
@@ -179,11 +177,8 @@ def shard_model(model: nn.Module, run: RunConfigs, dist_info: DistInfo, precisio
         raise RuntimeError("the model is on the meta device but --low_cpu_fsdp is off: nothing would fill it")
 
     units_msg = describe_units(model)
-    layers = fsdp_units(model)
-    if f.fsdp_activation_checkpointing:
-        every = f.ac_every_n_layers
-        wrapped = iter(apply_activation_checkpointing(model, layers[::every]))
-        layers = [next(wrapped) if i % every == 0 else layer for i, layer in enumerate(layers)]
+    layers, ac = checkpoint_layers(model, fsdp_units(model), run, precision, device, shard_size=plan.shape[-1],
+                                   reshard_after_forward=plan.reshard_after_forward)
 
     offload = OffloadPolicy()
     if f.fsdp_cpu_offload:
@@ -208,16 +203,24 @@ def shard_model(model: nn.Module, run: RunConfigs, dist_info: DistInfo, precisio
                 f"peak host RSS so far {rss:.0f} MB")
 
     log(f"--> FSDP2 {plan.description}; mesh {tuple(plan.shape)} {list(plan.dim_names)}; units {units_msg}; "
-        f"{describe(precision)}; activation checkpointing "
-        f"{_describe_ac(f.fsdp_activation_checkpointing, f.ac_every_n_layers, len(layers))}; "
+        f"{describe(precision)}; activation checkpointing {ac}; "
         f"CPU offload {'on' if f.fsdp_cpu_offload else 'off'}")
     return model
 
 
-def _describe_ac(on: bool, every: int, n_layers: int) -> str:
-    if not on:
-        return "off"
-    return "on" if every == 1 else f"on for {len(range(0, n_layers, every))} of {n_layers} layers (every {every})"
+def checkpoint_layers(model: nn.Module, layers: list, run: RunConfigs, precision: str, device: torch.device,
+                      shard_size: int, reshard_after_forward: bool):
+    """Checkpoint the decoder layers that policies/activation_budget.py picks for this run.
+
+    Returns (the layers with checkpointed ones replaced by their wrappers: the modules to shard, a
+    description for the log)."""
+    from shardtune.policies.activation_budget import describe, plan_checkpointing
+    from shardtune.policies.activation_checkpointing import apply_activation_checkpointing
+
+    plan = plan_checkpointing(model, layers, run, precision, device, shard_size, reshard_after_forward)
+    wrapped = iter(apply_activation_checkpointing(model, [layers[i] for i in plan.layers]) if plan.layers else [])
+    chosen = set(plan.layers)
+    return [next(wrapped) if i in chosen else layer for i, layer in enumerate(layers)], describe(plan)
 
 
 class UnitPlacer:
