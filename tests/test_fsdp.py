@@ -125,7 +125,7 @@ def _where_parameters_live(rank: int, world: int, model_dir: str) -> dict:
         after_forward = held(p for layer in layers for p in layer.parameters())
         out.loss_sum.backward()
         report[name] = {"mesh": list(sample.device_mesh.shape), "placements": [repr(x) for x in sample.placements],
-                        "full": full, "at_rest": at_rest, "after_forward": after_forward,
+                        "full": full, "last": sum(p.numel() for p in layers[-1].parameters()), "at_rest": at_rest, "after_forward": after_forward,
                         "after_backward": held(p for layer in layers for p in layer.parameters()),
                         "grads": held(p.grad for layer in layers for p in layer.parameters())}
     return report
@@ -133,7 +133,8 @@ def _where_parameters_live(rank: int, world: int, model_dir: str) -> dict:
 
 def test_sharding_strategies_place_parameters_and_gradients_as_documented(tiny_llama_dir, tmp_path, monkeypatch):
     """Where each strategy keeps the decoder layers on 2 ranks: ZeRO-3 (FULL_SHARD, HYBRID_SHARD, HSDP 1x2) holds
-    half of them at every point; SHARD_GRAD_OP (ZeRO-2) holds them whole from forward to backward; NO_SHARD and
+    half of them at every point but the last layer after forward (kept gathered: backward needs it first);
+    SHARD_GRAD_OP (ZeRO-2) holds them whole from forward to backward; NO_SHARD and
     HSDP 2x1 replicate them whole, gradients included."""
     import functools
 
@@ -145,12 +146,13 @@ def test_sharding_strategies_place_parameters_and_gradients_as_documented(tiny_l
     report = reports[0]
     full = report["FULL_SHARD"]["full"]
     half = full // 2
+    last_gathered = half + report["FULL_SHARD"]["last"] // 2  # the last layer's other half stays after forward
     expected = {  # mesh, placements, held at rest / after forward / after backward, gradient elements held
-        "FULL_SHARD": ([2], ["Shard(dim=0)"], half, half, half, half),
+        "FULL_SHARD": ([2], ["Shard(dim=0)"], half, last_gathered, half, half),
         "SHARD_GRAD_OP": ([2], ["Shard(dim=0)"], half, full, half, half),
         "NO_SHARD": ([2, 1], ["Replicate()", "Shard(dim=0)"], full, full, full, full),
-        "HYBRID_SHARD_node_mesh": ([1, 2], ["Replicate()", "Shard(dim=0)"], half, half, half, half),
-        "HSDP_1x2": ([1, 2], ["Replicate()", "Shard(dim=0)"], half, half, half, half),
+        "HYBRID_SHARD_node_mesh": ([1, 2], ["Replicate()", "Shard(dim=0)"], half, last_gathered, half, half),
+        "HSDP_1x2": ([1, 2], ["Replicate()", "Shard(dim=0)"], half, last_gathered, half, half),
         "HSDP_2x1": ([2, 1], ["Replicate()", "Shard(dim=0)"], full, full, full, full),
     }
     for name, (mesh, placements, at_rest, after_forward, after_backward, grads) in expected.items():

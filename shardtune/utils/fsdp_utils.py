@@ -6,7 +6,7 @@ The reference's FSDP1 flags map onto FSDP2 like this:
 =====================  ===========================================================================
 sharding_strategy      FSDP2
 =====================  ===========================================================================
-FULL_SHARD             1-D mesh over all ranks; parameters re-sharded after each unit's forward
+FULL_SHARD             1-D mesh over all ranks; parameters re-sharded after each unit's forward (not the last layer's)
 SHARD_GRAD_OP          same mesh; ``reshard_after_forward=False`` (gathered parameters kept for backward)
 NO_SHARD               2-D mesh (world x 1): every rank holds everything, gradients are all-reduced
 HYBRID_SHARD           2-D mesh (replicas x shard group): shard inside a group, all-reduce across groups
@@ -185,11 +185,13 @@ def shard_model(model: nn.Module, run: RunConfigs, dist_info: DistInfo, precisio
         offload = CPUOffloadPolicy(pin_memory=True)
     kwargs = dict(mesh=mesh, mp_policy=mp_policy_for(precision), offload_policy=offload)
     place = UnitPlacer(precision, None if on_meta or f.fsdp_cpu_offload else device, frozen_in_compute_dtype=t.use_peft)
-    for layer in layers:
+    for i, layer in enumerate(layers):
         place(layer.parameters())
-        fully_shard(layer, reshard_after_forward=plan.reshard_after_forward, **kwargs)
-    # The root's parameters (embeddings, final norm, output layer) are needed again at the start of
-    # backward, so they stay gathered after forward.
+        # The last layer is the first one backward needs: freeing its gathered parameters after forward
+        # would only all-gather them again at once, with nothing left to overlap that all-gather with.
+        last = i == len(layers) - 1
+        fully_shard(layer, reshard_after_forward=plan.reshard_after_forward and not last, **kwargs)
+    # Likewise the root's parameters (embeddings, final norm, output layer) stay gathered after forward.
     place(p for p in model.parameters() if not isinstance(p, DTensor))  # what no layer took
     fully_shard(model, reshard_after_forward=False, **kwargs)
 
