@@ -3,6 +3,8 @@ selective activation checkpointing and the stored dtypes of FSDP units. Their GP
 benchmarks/README.md and exercised in tests/gpu."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from torch import nn
@@ -76,6 +78,51 @@ def test_unit_placer_keeps_trainable_masters_and_stores_frozen_weights_in_the_co
     assert model[0].weight.dtype == torch.float32
     UnitPlacer("bf16_pure", CPU, frozen_in_compute_dtype=True)(model.parameters())
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+
+
+def _mapped_rss_bytes(path) -> int:
+    """Resident bytes of ``path``'s mappings in this process (/proc/self/smaps); -1: the file is not mapped."""
+    total, inside, found = 0, False, False
+    with open("/proc/self/smaps") as fh:
+        for line in fh:
+            fields = line.split()
+            if "-" in fields[0] and len(fields) >= 5 and ":" in fields[3]:  # a mapping's header line
+                inside = len(fields) >= 6 and fields[5] == str(path)
+                found = found or inside
+            elif inside and fields[0] == "Rss:":
+                total += int(fields[1]) * 1024
+    return total if found else -1
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="reads /proc/self/smaps (Linux)")
+def test_unit_placer_gives_back_the_host_pages_of_the_weights_it_replaced(tmp_path):
+    """from_pretrained leaves the weights in views of the mapped safetensors file, and a file's pages stay
+    resident until its last tensor is freed: before the fix, every unit already placed (moved to the GPU, or
+    cast as here) stayed in host RSS while its file still held an unplaced weight (8.3 GB per rank at 8B)."""
+    from transformers import AutoModelForCausalLM
+
+    from conftest import save_llama
+    from shardtune.utils.fsdp_utils import UnitPlacer, release_host_pages
+
+    d = save_llama(tmp_path / "m", hidden_size=512, intermediate_size=2048, num_attention_heads=8,
+                   num_key_value_heads=8)  # fp32, one file; a decoder layer is 16.8 MB
+    lm = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)
+    weights = d / "model.safetensors"
+    before = _mapped_rss_bytes(weights)
+    if before < 0:
+        pytest.skip("transformers no longer maps the checkpoint file")
+    layer = lm.model.layers[0]
+    layer_bytes = sum(p.numel() * p.element_size() for p in layer.parameters())
+    UnitPlacer("bf16_pure", None, frozen_in_compute_dtype=False)(layer.parameters())  # reads every byte
+    assert {p.dtype for p in layer.parameters()} == {torch.bfloat16}
+    assert lm.model.embed_tokens.weight.dtype == torch.float32  # still a view of the file: the mapping stays
+    grown = _mapped_rss_bytes(weights) - before
+    assert grown < layer_bytes / 4, (grown, layer_bytes)  # only pages shared with neighbours may stay
+    # A storage that something else still uses (a view; --low_cpu_fsdp's state dict) keeps its pages.
+    t = torch.randn(2 ** 20)  # anonymous memory: pages given back would read as zeros
+    view, expected = t[:], t.clone()
+    release_host_pages(t)
+    assert torch.equal(view, expected)
 
 
 def test_ac_every_n_layers_checkpoints_a_subset_with_unchanged_losses(tiny_llama_dir, tmp_path):

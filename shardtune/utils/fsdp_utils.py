@@ -22,8 +22,11 @@ broadcast from rank 0 and non-persistent buffers rebuilt.
 """
 from __future__ import annotations
 
+import ctypes
+import mmap
 import os
 import resource
+import sys
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
@@ -233,6 +236,8 @@ class UnitPlacer:
       update needs no fp32 master copy, and FSDP then neither stores nor all-gathers fp32 for it.
     * With a ``device``, parameters move there first, so a checkpoint read in its own dtype (bf16) is
       upcast on the GPU one unit at a time and the host never holds an fp32 copy of the whole model.
+    * The host copy a parameter leaves behind gives its pages back at once (``release_host_pages``), so host
+      memory holds about one unit's weights, not every moved unit whose checkpoint file is still mapped.
     """
 
     def __init__(self, precision: str, device: Optional[torch.device], frozen_in_compute_dtype: bool):
@@ -246,7 +251,39 @@ class UnitPlacer:
                 continue
             want = self.master if p.requires_grad else self.frozen
             if p.dtype != want or (self.device is not None and p.device != self.device):
-                p.data = p.data.to(device=self.device or p.device, dtype=want)
+                old = p.data
+                p.data = old.to(device=self.device or p.device, dtype=want)
+                release_host_pages(old)
+
+
+_MADV_DONTNEED = getattr(mmap, "MADV_DONTNEED", None) if sys.platform.startswith("linux") else None
+
+
+def release_host_pages(t: torch.Tensor) -> None:
+    """Give the host pages of ``t``'s storage back to the OS now, if ``t`` (about to be dropped) is its only user.
+
+    Why: from_pretrained leaves every weight in a view of its safetensors file, mapped into memory. A page
+    counts in the process's RSS once it is read (the copy to the GPU reads them all), and a file's mapping goes
+    away only when the last tensor read from it is freed. Moving unit after unit therefore kept every moved
+    unit whose file still held an unmoved tensor: with the Llama-3.1-8B layout (4 files; the input embedding, in
+    the first file, moves last with the root) most of the first file plus the file in progress, a peak of 40%
+    of the model (measured on CPU at that layout with 2.3B parameters; 8.3 GB per rank at 8B on GPUs).
+    MADV_DONTNEED drops the storage's pages from this process only (the page cache that the other ranks map
+    stays); only whole pages inside the storage, and only when no other tensor shares the storage (a view,
+    --low_cpu_fsdp's state dict), so nothing still in use can lose its contents. Linux only; a no-op elsewhere
+    or where torch cannot tell the storage's users.
+    """
+    use_count = getattr(torch._C, "_storage_Use_Count", None)
+    if _MADV_DONTNEED is None or use_count is None or t.device.type != "cpu":
+        return
+    storage = t.untyped_storage()
+    if use_count(storage._cdata) > 2:  # users: t and the handle `storage`
+        return
+    page = mmap.PAGESIZE
+    start = -(-storage.data_ptr() // page) * page
+    end = (storage.data_ptr() + storage.nbytes()) // page * page
+    if end > start:
+        ctypes.CDLL(None).madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_DONTNEED)
 
 
 def load_full_state_from_rank0(model: nn.Module, full_state: dict) -> None:
