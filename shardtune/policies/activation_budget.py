@@ -6,7 +6,8 @@ every layer, as the reference does, pays that price even when the activations wo
 ``--fsdp_config.ac_every_n_layers 0`` (the default) the run estimates its step's peak memory before
 sharding and checkpoints only as many layers as the budget needs:
 
-    budget   = min(ac_memory_fraction x the GPU's memory, the memory free on it now), the smallest over ranks
+    budget   = min(ac_memory_fraction x the GPU's memory, what is free on it now plus what this process holds),
+               the smallest over ranks
     estimate = parameter, gradient and optimizer shards + parameters gathered for compute + loss workspace
                + for each layer: its activations (not checkpointed) or its input (checkpointed)
                + one layer's activations (the one being recomputed in backward)
@@ -15,7 +16,8 @@ The activation figure per layer and token is deliberately the eager (uncompiled)
 ``compute bytes x (9 hidden + 3 kv + 4 intermediate)`` for a Llama-style block (norm inputs in fp32,
 q/k/v before and after RoPE, attention output, the MLP's gate, up, activation and product);
 ``torch.compile`` saves less (measured on H200, Llama-3.2-1B shape, 16K tokens: 66 KB per token and layer
-against the formula's 105 KB), so the estimate errs towards checkpointing. Models whose config lacks
+against the formula's 105 KB), so the estimate errs towards checkpointing: the estimated peaks were 37-60%
+above the measured peak allocations (benchmarks/README.md, Llama-3.2-1B and Llama-3.1-8B shapes, full and LoRA). Models whose config lacks
 ``hidden_size`` / ``intermediate_size`` get every layer checkpointed, as does any run off CUDA (no GPU memory
 to budget). The choice is made once from the smallest budget over ranks, so every rank checkpoints the same
 layers, and it is logged with its numbers.
@@ -125,7 +127,9 @@ def device_budget(device: torch.device, fraction: float) -> Optional[int]:
     if device.type != "cuda":
         return None
     free, total = torch.cuda.mem_get_info(device)
-    budget = torch.tensor(min(int(fraction * total), free), dtype=torch.int64, device=device)
+    # What this process holds already (a quantized model is loaded onto the GPU) is counted by the estimate.
+    usable = free + torch.cuda.memory_reserved(device)
+    budget = torch.tensor(min(int(fraction * total), usable), dtype=torch.int64, device=device)
     from shardtune.utils import distributed
 
     if distributed.multi_rank():
