@@ -77,7 +77,7 @@ def test_every_adapter_saved_is_the_trained_one(method, tiny_llama_dir, tmp_path
     for world, ac, ckpt in CONFIGS:
         name = _config_id(world, ac, ckpt)
         results = _train(tiny_llama_dir, tmp_path / name, world, ac, ckpt, **flags)
-        assert f"activation checkpointing {'on' if ac else 'off'}" in results[0]["log"] or not ac, name
+        assert f"activation checkpointing {'on for 2 of 2 decoder layers' if ac else 'off'}" in results[0]["log"], name
         exported[name] = _logits(PeftModel.from_pretrained(_base(tiny_llama_dir), tmp_path / name / "model"))
         if ckpt == "FULL_STATE_DICT":  # the checkpoint's own adapter folder loads the same way
             inner = tmp_path / name / "checkpoints" / "fine-tuned" / "step_000003" / "model"

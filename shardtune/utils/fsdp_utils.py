@@ -144,7 +144,7 @@ def wrap_model(model: nn.Module, run: RunConfigs, dist_info: DistInfo, precision
 
     _, ac = checkpoint_layers(model, fsdp_units(model), run, precision, dist_info.device, shard_size=1,
                               reshard_after_forward=False)  # autocast keeps a compute-dtype copy of each weight
-    log(f"--> activation checkpointing: {ac}")
+    log(f"--> activation checkpointing {ac}")
     return model, lambda m, sync: None
 
 
