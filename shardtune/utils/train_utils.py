@@ -76,15 +76,6 @@ def to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def host_to_device(values: list, device: torch.device) -> torch.Tensor:
-    """``values`` as a float64 tensor on ``device``, without a host-device synchronisation on CUDA: a copy from
-    ordinary (pageable) host memory waits for all work queued on the GPU, one from pinned memory does not."""
-    t = torch.tensor(values, dtype=torch.float64)
-    if device.type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)
-
-
 def _take(it: Iterator, n: int) -> list:
     out = []
     for _ in range(n):
@@ -152,18 +143,16 @@ def train(model, train_loader, eval_loader, optimizer, lr_scheduler, ctx: TrainC
             for obs in ctx.observers:
                 obs.on_step_start(state)
             # 1. Count the step's supervised tokens over all micro-batches and ranks, before any backward;
-            #    with them (one all-reduce) the input tokens and analytic FLOPs for throughput and MFU. The
-            #    sums stay on the device and are read with the loss in step 3: reading them here would make
-            #    the host wait for the previous optimizer step before it could queue this step's forward.
+            #    with them (one all-reduce) the input tokens and analytic FLOPs for throughput and MFU.
             local_tokens = sum(int(count_supervised_tokens(b["labels"])) for b in micro_batches)
             local_inputs = sum(b["input_ids"].numel() for b in micro_batches)
             local_flops = sum(ctx.model_flops.batch(b["input_ids"].shape) for b in micro_batches) \
                 if ctx.model_flops else 0.0
-            step_counts = distributed.all_reduce_sum(
-                host_to_device([float(local_tokens), float(local_inputs), local_flops], ctx.device))
+            global_tokens, global_inputs, global_flops = distributed.all_reduce_sum(torch.tensor(
+                [float(local_tokens), float(local_inputs), local_flops], dtype=torch.float64, device=ctx.device)).tolist()
             # FSDP/DDP average gradients over ranks; multiplying by world cancels that, so the result is
             # sum(loss) / global_tokens exactly.
-            scale = (world / step_counts[0].clamp(min=1.0)).float()
+            scale = world / max(global_tokens, 1.0)
 
             # 2. Forward/backward every micro-batch; gradients are reduced only on the last one.
             step_loss_sum = torch.zeros((), dtype=torch.float32, device=ctx.device)
@@ -185,9 +174,8 @@ def train(model, train_loader, eval_loader, optimizer, lr_scheduler, ctx: TrainC
                 ctx.scaler.unscale_(optimizer)
             grad_norm = clip_and_measure_grad_norm(model, clip, ctx.device)
             global_loss_sum = distributed.all_reduce_sum(step_loss_sum.double())
-            # The step's one host-device synchronisation: gradient norm, loss and the counts of step 1.
-            grad_norm, global_loss_sum, global_tokens, global_inputs, global_flops = torch.cat(
-                [torch.stack([grad_norm.to(global_loss_sum), global_loss_sum]), step_counts]).tolist()
+            # One host-device synchronisation for both numbers (the step's others: the token count, step 1).
+            grad_norm, global_loss_sum = torch.stack([grad_norm.to(global_loss_sum), global_loss_sum]).tolist()
             step_loss = global_loss_sum / max(global_tokens, 1.0)
 
             # 4. A diverged step is never applied (the fp16 scaler skips overflowing gradients itself).
