@@ -270,6 +270,9 @@ def test_metrics_file_records(metrics_run):
     for key in ("loss", "perplexity", "lr", "grad_norm", "tokens_per_s", "tflops", "mfu", "peak_mem_gb"):
         assert all(isinstance(r[key], float) for r in steps), key
     assert all(r["input_tokens"] in (128, 2 * 128) for r in steps)  # packed blocks: batch x context_length
+    # Launch to the first step, in the first step's record and the log (the process's age at that step).
+    assert 0 < steps[0]["since_launch_s"] < 3600 and all("since_launch_s" not in r for r in steps[1:])
+    assert f"--> first step done {steps[0]['since_launch_s']:.0f} s after launch" in metrics_run["stdout"]
     for key in ("train_loss", "train_perplexity", "eval_loss", "eval_perplexity", "step", "host_peak_rss_gb"):
         assert all(key in r for r in epochs), key
     assert epochs[-1]["step"] == steps[-1]["step"]

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 from typing import Iterable, Optional
 
@@ -87,6 +88,13 @@ def _si(x: float) -> str:
     return f"{x:.3g}"
 
 
+def seconds_since_launch() -> float:
+    """Seconds since this process started (under torchrun, about the launch: ranks start within a second)."""
+    import psutil
+
+    return time.time() - psutil.Process().create_time()
+
+
 def format_step_line(record: dict, num_epochs: Optional[int] = None) -> str:
     """The per-step log line, e.g.
     ``step 20 | epoch 1/3 | loss 2.3416 | ppl 10.40 | lr 1.00e-04 | grad_norm 0.874 | tok/s/gpu 12.3k (incl.
@@ -108,4 +116,4 @@ def format_step_line(record: dict, num_epochs: Optional[int] = None) -> str:
     return " | ".join(parts)
 
 
-__all__ = ["perplexity", "MetricsWriter", "read_metrics", "StepObserver", "format_step_line"]
+__all__ = ["perplexity", "MetricsWriter", "read_metrics", "StepObserver", "format_step_line", "seconds_since_launch"]

@@ -23,7 +23,8 @@ from shardtune.utils.config_utils import RunConfigs
 from shardtune.utils.loss import count_supervised_tokens
 from shardtune.observability.memory import (GB, MemoryTracker, device_peak_allocated_bytes, device_peak_reserved_bytes,
                                          host_peak_rss_bytes)
-from shardtune.observability.metrics import MetricsWriter, StepObserver, format_step_line, perplexity
+from shardtune.observability.metrics import (MetricsWriter, StepObserver, format_step_line, perplexity,
+                                             seconds_since_launch)
 from shardtune.utils.rng import preserved_rng
 
 
@@ -110,6 +111,7 @@ def train(model, train_loader, eval_loader, optimizer, lr_scheduler, ctx: TrainC
     epoch_train_losses, epoch_eval_losses, epoch_times = [], [], []
     memory = MemoryTracker(ctx.device)  # peaks from the allocator and the kernel: no polling thread
     stop = False
+    first_step_reported = False
 
     for epoch in range(state.epoch, t.num_epochs):
         if stop:
@@ -227,6 +229,11 @@ def train(model, train_loader, eval_loader, optimizer, lr_scheduler, ctx: TrainC
                           mfu=tflops / ctx.peak_tflops if tflops is not None and ctx.peak_tflops else None,
                           peak_mem_gb=round(peak_mem / GB, 1),
                           peak_reserved_gb=round((device_peak_reserved_bytes(ctx.device) or 0) / GB, 1) or None)
+            if not first_step_reported:  # launch to the first step: loading, sharding, compile, data
+                first_step_reported = True
+                record["since_launch_s"] = round(seconds_since_launch(), 1)
+                log(f"--> first step done {record['since_launch_s']:.0f} s after launch (loading, sharding, data and, "
+                    f"on GPUs, torch.compile of the layers)")
             if distributed.is_main():
                 ctx.metrics.write("train_step", **record)
                 if state.step % t.log_every_n_steps == 0:
