@@ -72,7 +72,8 @@ def summarise(path: str) -> str:
         f"{path.split('/')[-1][:40]}: {n} steps, window {ms(t1 - t0):.1f} ms/step; compute {ms(length(compute)):.1f}; "
         f"nccl {ms(length(nccl)):.1f} (exposed {ms(exposed):.1f}); idle {ms(t1 - t0 - length(busy)):.1f} ms/step",
         "   largest idle gaps (ms, at ms): " + str([(round(g / 1e3, 2), round(at / 1e3, 1)) for g, at in gaps]),
-        "   nccl kernels ms/step: " + str({k: round(ms(v), 1) for k, v in sorted(by_name.items(), key=lambda x: -x[1])[:4]}),
+        "   nccl kernels ms/step: "
+        + str({k: round(ms(v), 1) for k, v in sorted(by_name.items(), key=lambda x: -x[1])[:4]}),
     ])
 
 

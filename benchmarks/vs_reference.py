@@ -59,7 +59,8 @@ LEVERS = {
     "ac2": (["--fsdp_config.ac_every_n_layers", "2"], {}),
     "acall": (["--fsdp_config.ac_every_n_layers", "1"], {}),  # every layer, as the reference (default: auto)
     "zero2": (["--fsdp_config.sharding_strategy", "SHARD_GRAD_OP"], {}),
-    "prof": (["--use_profiler", "True", "--profiler_wait", "8", "--profiler_warmup", "2", "--profiler_active", "3"], {}),
+    "prof": (["--use_profiler", "True", "--profiler_wait", "8", "--profiler_warmup", "2", "--profiler_active", "3"],
+             {}),
 }
 
 

@@ -125,7 +125,8 @@ def _where_parameters_live(rank: int, world: int, model_dir: str) -> dict:
         after_forward = held(p for layer in layers for p in layer.parameters())
         out.loss_sum.backward()
         report[name] = {"mesh": list(sample.device_mesh.shape), "placements": [repr(x) for x in sample.placements],
-                        "full": full, "last": sum(p.numel() for p in layers[-1].parameters()), "at_rest": at_rest, "after_forward": after_forward,
+                        "full": full,
+                        "last": sum(p.numel() for p in layers[-1].parameters()), "at_rest": at_rest, "after_forward": after_forward,
                         "after_backward": held(p for layer in layers for p in layer.parameters()),
                         "grads": held(p.grad for layer in layers for p in layer.parameters())}
     return report

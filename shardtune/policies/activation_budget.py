@@ -17,9 +17,9 @@ The activation figure per layer and token is deliberately the eager (uncompiled)
 q/k/v before and after RoPE, attention output, the MLP's gate, up, activation and product);
 ``torch.compile`` saves less (measured on H200, Llama-3.2-1B shape, 16K tokens: 66 KB per token and layer
 against the formula's 105 KB), so the estimate errs towards checkpointing: the estimated peaks were 37-60%
-above the measured peak allocations (benchmarks/README.md, Llama-3.2-1B and Llama-3.1-8B shapes, full and LoRA). Models whose config lacks
-``hidden_size`` / ``intermediate_size`` get every layer checkpointed, as does any run off CUDA (no GPU memory
-to budget). The choice is made once from the smallest budget over ranks, so every rank checkpoints the same
+above the measured peak allocations (benchmarks/README.md: Llama-3.2-1B and Llama-3.1-8B shapes, full and
+LoRA). Models whose config lacks ``hidden_size`` / ``intermediate_size`` get every layer checkpointed, as does
+any run off CUDA (no GPU memory to budget). The choice is made once from the smallest budget over ranks, so every rank checkpoints the same
 layers, and it is logged with its numbers.
 """
 from __future__ import annotations

@@ -6,7 +6,7 @@ The reference's FSDP1 flags map onto FSDP2 like this:
 =====================  ===========================================================================
 sharding_strategy      FSDP2
 =====================  ===========================================================================
-FULL_SHARD             1-D mesh over all ranks; parameters re-sharded after each unit's forward (not the last layer's)
+FULL_SHARD             1-D mesh over all ranks; parameters re-sharded after each forward but the last layer's
 SHARD_GRAD_OP          same mesh; ``reshard_after_forward=False`` (gathered parameters kept for backward)
 NO_SHARD               2-D mesh (world x 1): every rank holds everything, gradients are all-reduced
 HYBRID_SHARD           2-D mesh (replicas x shard group): shard inside a group, all-reduce across groups
@@ -135,7 +135,6 @@ def wrap_model(model: nn.Module, run: RunConfigs, dist_info: DistInfo, precision
     """
     if run.train.enable_fsdp and dist_info.distributed:
         return shard_model(model, run, dist_info, precision), set_gradient_sync
-    f = run.fsdp
     if run.train.enable_fsdp:
         log("--> --enable_fsdp with a single process: training without sharding")
     if not on_device:
@@ -156,7 +155,6 @@ def shard_model(model: nn.Module, run: RunConfigs, dist_info: DistInfo, precisio
     """
     from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
 
-    from shardtune.policies.activation_checkpointing import apply_activation_checkpointing
     from shardtune.policies.mixed_precision import describe, mp_policy_for
     from shardtune.policies.wrapping import describe_units, fsdp_units
 
