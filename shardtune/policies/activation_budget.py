@@ -92,7 +92,7 @@ def estimate_step_memory(model: nn.Module, layers: List[nn.Module], precision: s
         return None
     head_dim = getattr(config, "head_dim", None) or h // heads
     kv = (getattr(config, "num_key_value_heads", None) or heads) * head_dim
-    vocab = getattr(config, "vocab_size", 0) or 0
+    vocab = getattr(config, "vocab_size", None) or 0
 
     master = P.master_dtype(precision).itemsize
     compute = (P.compute_dtype(precision) or P.master_dtype(precision)).itemsize
@@ -114,8 +114,9 @@ def estimate_step_memory(model: nn.Module, layers: List[nn.Module], precision: s
 
     from shardtune.utils.loss import CHUNK_BYTES
 
-    # Chunked cross-entropy: a few chunks of fp32 logits plus the hidden states and their gradient in fp32.
-    loss = 3 * CHUNK_BYTES + tokens * h * 8 if vocab else 0
+    # Chunked cross-entropy: up to three chunks of fp32 logits (logits, softmax, gradient; all rows at once when
+    # they fit in one chunk) plus the hidden states and their gradient in fp32.
+    loss = min(3 * CHUNK_BYTES, 3 * tokens * vocab * 4) + tokens * h * 8
     per_token = compute * (9 * h + 3 * kv + 4 * inter)
     return StepMemory(fixed=states + gathered + loss, layer_activations=tokens * per_token,
                       layer_input=tokens * h * compute, n_layers=len(layers))

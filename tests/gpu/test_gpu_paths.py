@@ -227,3 +227,38 @@ def test_benchmark_harness_short_mode(tmp_path):
     assert "| shardtune full_ac" in table
     if reference:
         assert "| reference full_ac" in table and "x |" in table  # a ratio was computed
+
+
+# ---------------------------------------------------------------------------------------------
+# Automatic activation checkpointing (policies/activation_budget.py)
+# ---------------------------------------------------------------------------------------------
+def test_auto_activation_checkpointing_plans_within_its_budget_and_above_the_measured_peak(tmp_path):
+    """On a GPU, with the default auto choice: (1) a budget set between the estimates for checkpointing 1 and 2 of
+    4 layers makes the run checkpoint exactly 2, and the log gives the numbers; (2) the estimate is on the safe side:
+    the measured peak allocation of each run is below the estimated peak of its plan."""
+    import re
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from shardtune.policies import activation_budget as AB
+    from shardtune.policies.wrapping import fsdp_units
+    from shardtune.utils.loss import CausalLMWithLoss
+
+    model_dir = save_llama(tmp_path / "model", hidden_size=1024, intermediate_size=4096, num_hidden_layers=4,
+                           num_attention_heads=16, num_key_value_heads=4)
+    batch, context = 8, 1024
+    with torch.device("meta"):
+        model = CausalLMWithLoss(AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir)))
+    mem = AB.estimate_step_memory(model, fsdp_units(model), "bf16_pure", tokens=batch * context, shard_size=1)
+    total = torch.cuda.mem_get_info()[1]
+    fraction = (mem.peak(2) + mem.peak(1)) / 2 / total  # room for 2 checkpointed layers, not for 1
+    flags = quick_flags(model_dir, enable_fsdp=True, batch_size_training=batch, context_length=context,
+                        **{"fsdp_config.pure_bf16": True})
+    for name, extra, expected in (("two", ["--fsdp_config.ac_memory_fraction", f"{fraction:.6f}"], 2),
+                                  ("none", [], 0)):
+        log = launch(flags + extra, tmp_path / name, nproc=1)
+        m = re.search(r"activation checkpointing on for (\d+) of 4 decoder layers \(auto: estimated peak ([0-9.]+) GB "
+                      r"within", log)
+        assert m and int(m.group(1)) == expected, log[-3000:]
+        summary = json.loads((tmp_path / name / "summary.json").read_text())
+        assert summary["peak_allocated_gb"] <= float(m.group(2)), (name, summary["peak_allocated_gb"], m.group(2))
