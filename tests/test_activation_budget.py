@@ -90,3 +90,20 @@ def test_auto_choice_in_a_real_run(tiny_llama_dir, tmp_path, capsys, monkeypatch
     assert expected in out
     assert ("OVER the budget" in out) == (budget == 1)
     assert step_losses(tmp_path / "auto") == pytest.approx(step_losses(tmp_path / "all"), abs=1e-6)
+
+
+def _agreed(rank: int, world: int) -> dict:
+    from shardtune.utils.distributed import agree
+
+    cpu = torch.device("cpu")
+    return {"min": agree(10 + rank, cpu, op="min"), "max": agree(10 + rank, cpu, op="max")}
+
+
+def test_ranks_agree_on_the_smallest_budget(tmp_path):
+    """The budget (and the stop signal) is one value for all ranks: 2 gloo ranks holding 10 and 11 both get 10 as
+    the minimum (and 11 as the maximum); one process keeps its own value."""
+    from shardtune.utils.distributed import agree
+    from test_fsdp_support import run_fn_ranks
+
+    assert run_fn_ranks(_agreed, 2, tmp_path) == [{"min": 10, "max": 11}] * 2
+    assert agree(7, torch.device("cpu"), op="min") == 7

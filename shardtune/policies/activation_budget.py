@@ -130,14 +130,9 @@ def device_budget(device: torch.device, fraction: float) -> Optional[int]:
     free, total = torch.cuda.mem_get_info(device)
     # What this process holds already (a quantized model is loaded onto the GPU) is counted by the estimate.
     usable = free + torch.cuda.memory_reserved(device)
-    budget = torch.tensor(min(int(fraction * total), usable), dtype=torch.int64, device=device)
     from shardtune.utils import distributed
 
-    if distributed.multi_rank():
-        import torch.distributed as dist
-
-        dist.all_reduce(budget, op=dist.ReduceOp.MIN)
-    return int(budget.item())
+    return distributed.agree(min(int(fraction * total), usable), device, op="min")
 
 
 def plan_checkpointing(model: nn.Module, layers: List[nn.Module], run, precision: str, device: torch.device,

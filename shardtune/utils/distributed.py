@@ -157,6 +157,15 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def agree(value: int, device: torch.device, op: str = "max") -> int:
+    """The largest (op="max") or smallest (op="min") of every rank's ``value``, on every rank: for a decision all
+    ranks must take alike. Collective under a process group; ``value`` itself in one process."""
+    t = torch.tensor([value], dtype=torch.int64, device=device)
+    if group_up():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.MIN)
+    return int(t.item())
+
+
 def broadcast_object(obj):
     """Rank 0's Python object, on every rank."""
     if multi_rank():

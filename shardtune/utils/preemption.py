@@ -63,10 +63,7 @@ class StopRequest:
 
     def agreed_signal(self, device: torch.device) -> int:
         """Collective, once per step: the signal any rank received (0: none), the same on every rank."""
-        flag = torch.tensor([self.signum], dtype=torch.int32, device=device)
-        if distributed.group_up():
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        return int(flag.item())
+        return distributed.agree(self.signum, device, op="max")
 
     def after_step(self, state, ctx, saved: bool) -> None:
         """Called by the loop after every optimizer step; ``saved``: this step's checkpoint is written already.
