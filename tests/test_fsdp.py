@@ -345,3 +345,38 @@ def test_grad_scaler_found_inf_is_shared_by_all_ranks(tmp_path):
     for r in results:  # rank 0's shard was finite, yet it skipped too, and both halved the scale
         assert r["step0"] == {"changed": False, "scale": 512.0}
         assert r["step1"]["changed"] and r["step1"]["scale"] == 512.0
+
+
+def _pure_bf16_from_an_fp32_checkpoint(rank: int, world: int, model_dir: str) -> dict:
+    """shard_model on a model read in fp32 (as a sharded GPU run reads an fp32 checkpoint) with bf16_pure: each
+    unit is cast while it is placed, no host-wide cast first."""
+    from transformers import AutoModelForCausalLM
+
+    from shardtune.utils import precision
+    from shardtune.utils.fsdp_utils import shard_model
+    from shardtune.utils.loss import CausalLMWithLoss
+
+    def no_host_wide_cast(model, mode):
+        raise AssertionError("the whole model was cast on the host before placement")
+
+    precision.cast_parameters = no_host_wide_cast  # this forked rank only
+    run = parse_cli({"model_name": model_dir, "enable_fsdp": True, "fsdp_config.pure_bf16": True})
+    model = CausalLMWithLoss(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32))
+    shard_model(model, run, DistInfo(rank, rank, world, torch.device("cpu")), "bf16_pure")
+    ids = torch.arange(1, 33).reshape(2, 16)
+    loss = model(input_ids=ids, labels=ids).loss_sum
+    loss.backward()
+    return {"params": sorted({str(p.dtype) for p in model.parameters()}),
+            "grads": sorted({str(p.grad.dtype) for p in model.parameters() if p.grad is not None}),
+            "buffers": sorted({str(b.dtype) for b in model.buffers()}), "finite": bool(torch.isfinite(loss))}
+
+
+def test_pure_bf16_casts_each_unit_while_placing_it(tiny_llama_dir, tmp_path):
+    import functools
+
+    from test_fsdp_support import run_fn_ranks
+
+    fn = functools.partial(_pure_bf16_from_an_fp32_checkpoint, model_dir=str(tiny_llama_dir))
+    for report in run_fn_ranks(fn, 2, tmp_path):
+        assert report == {"params": ["torch.bfloat16"], "grads": ["torch.bfloat16"], "buffers": ["torch.float32"],
+                          "finite": True}

@@ -16,7 +16,8 @@ HYBRID_SHARD always gets an explicit mesh: ``--fsdp_config.hsdp --sharding_group
 --replica_group_size R`` (S x R = world size), or without ``--hsdp`` one shard group per node
 (LOCAL_WORLD_SIZE ranks). The mesh is logged.
 
-Order in :func:`shard_model`: pure-bf16 cast -> activation checkpointing -> ``fully_shard`` on every
+Order in :func:`shard_model`: pure-bf16 cast (on the host only where units are not placed on the device one by
+one) -> activation checkpointing -> ``fully_shard`` on every
 decoder layer -> ``fully_shard`` on the root (``CausalLMWithLoss``) -> for ``--low_cpu_fsdp``, weights
 broadcast from rank 0 and non-persistent buffers rebuilt.
 """
@@ -163,7 +164,16 @@ def shard_model(model: nn.Module, run: RunConfigs, dist_info: DistInfo, precisio
     device = dist_info.device
     mesh, plan = build_mesh(run, dist_info)
 
-    P.cast_parameters(model, precision)  # bf16_pure: bf16 parameters (buffers such as RoPE frequencies stay fp32)
+    low_cpu = t.low_cpu_fsdp and not t.quantization
+    on_meta = any(p.is_meta for p in model.parameters())
+    if on_meta and not low_cpu:
+        raise RuntimeError("the model is on the meta device but --low_cpu_fsdp is off: nothing would fill it")
+    place = UnitPlacer(precision, None if on_meta or f.fsdp_cpu_offload else device, frozen_in_compute_dtype=t.use_peft)
+    # bf16_pure: bf16 parameters (buffers such as RoPE frequencies stay fp32). Where the units are placed on the
+    # device one at a time (below), UnitPlacer casts each there: a cast here would copy the whole model on the host
+    # (an fp32 checkpoint). --low_cpu_fsdp's rank 0 casts here, so that it broadcasts bf16.
+    if place.device is None or low_cpu:
+        P.cast_parameters(model, precision)
     if t.quantization:
         from shardtune.policies.quantization import prepare_for_sharding
 
@@ -171,11 +181,7 @@ def shard_model(model: nn.Module, run: RunConfigs, dist_info: DistInfo, precisio
 
     # Rank 0's full weights for --low_cpu_fsdp, taken before sharding replaces the parameters. (A quantized
     # model was loaded by every rank itself: see policies/quantization.py.)
-    low_cpu = t.low_cpu_fsdp and not t.quantization
     full_state = model.state_dict() if low_cpu and dist_info.is_main else {}
-    on_meta = any(p.is_meta for p in model.parameters())
-    if on_meta and not low_cpu:
-        raise RuntimeError("the model is on the meta device but --low_cpu_fsdp is off: nothing would fill it")
 
     units_msg = describe_units(model)
     layers, ac = checkpoint_layers(model, fsdp_units(model), run, precision, device, shard_size=plan.shape[-1],
@@ -185,7 +191,6 @@ def shard_model(model: nn.Module, run: RunConfigs, dist_info: DistInfo, precisio
     if f.fsdp_cpu_offload:
         offload = CPUOffloadPolicy(pin_memory=True)
     kwargs = dict(mesh=mesh, mp_policy=mp_policy_for(precision), offload_policy=offload)
-    place = UnitPlacer(precision, None if on_meta or f.fsdp_cpu_offload else device, frozen_in_compute_dtype=t.use_peft)
     for i, layer in enumerate(layers):
         place(layer.parameters())
         # The last layer is the first one backward needs: freeing its gathered parameters after forward
