@@ -52,12 +52,11 @@ def merge(adapter: Path, output: Path, model_name: Optional[str] = None, dtype: 
     """Write base + adapter, merged, to ``output`` in ``dtype``; returns ``output``."""
     from transformers import AutoModelForCausalLM
 
+    from shardtune.model_checkpointing.convert import output_dtype
     from shardtune.model_checkpointing.export import export_model
     from shardtune.utils.config_utils import RunConfigs
     from shardtune.utils.model_builder import WeightSource, build_model
     from shardtune.utils.model_utils import ModelSource, load_model_config, load_tokenizer
-
-    from shardtune.model_checkpointing.convert import output_dtype
 
     out_dtype = output_dtype(dtype, torch.bfloat16)
     adapter, output = Path(adapter), Path(output)

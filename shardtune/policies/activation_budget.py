@@ -15,8 +15,8 @@ sharding and checkpoints only as many layers as the budget needs:
 The activation figure per layer and token is deliberately the eager (uncompiled) one,
 ``compute bytes x (9 hidden + 3 kv + 4 intermediate)`` for a Llama-style block (norm inputs in fp32,
 q/k/v before and after RoPE, attention output, the MLP's gate, up, activation and product);
-``torch.compile`` saves less (measured on H200, Llama-3.2-1B shape, 16K tokens: 66 KB per token and layer
-against the formula's 105 KB), so the estimate errs towards checkpointing: the estimated peaks were 37-60%
+``torch.compile`` saves less (measured on H200, Llama-3.2-1B shape, 16K tokens: 71 KB per token and layer
+against the formula's 105 KB), so the estimate errs towards checkpointing: the estimated peaks were 28-48%
 above the measured peak allocations (benchmarks/README.md: Llama-3.2-1B and Llama-3.1-8B shapes, full and
 LoRA). Models whose config lacks ``hidden_size`` / ``intermediate_size`` get every layer checkpointed, as does
 any run off CUDA (no GPU memory to budget). The choice is made once from the smallest budget over ranks, so every rank checkpoints the same
@@ -30,10 +30,9 @@ from typing import List, Optional
 import torch
 from torch import nn
 
+from shardtune.observability.memory import GB  # the unit of every memory figure shardtune prints
 from shardtune.policies.quantization import is_quantized
 from shardtune.utils import precision as P
-
-GB = 1e9
 
 
 @dataclass(frozen=True)
@@ -164,15 +163,12 @@ def plan_checkpointing(model: nn.Module, layers: List[nn.Module], run, precision
     return CheckpointPlan(spread(k, n), n, why)
 
 
-def describe(plan: CheckpointPlan) -> str:
+def describe_plan(plan: CheckpointPlan) -> str:
     if plan.reason == "off":
         return "off"
     return f"on for {len(plan.layers)} of {plan.n_layers} decoder layers ({plan.reason})"
 
 
 def _text_config(model: nn.Module):
-    base = getattr(model, "base_model", model)  # CausalLMWithLoss exposes the transformers model
-    if hasattr(base, "get_base_model"):
-        base = base.get_base_model()
-    config = getattr(base, "config", None)
+    config = getattr(getattr(model, "base_model", model), "config", None)  # CausalLMWithLoss: below any PEFT wrapper
     return getattr(config, "text_config", None) or config

@@ -222,13 +222,13 @@ def checkpoint_layers(model: nn.Module, layers: list, run: RunConfigs, precision
 
     Returns (the layers with checkpointed ones replaced by their wrappers: the modules to shard, a
     description for the log)."""
-    from shardtune.policies.activation_budget import describe, plan_checkpointing
+    from shardtune.policies.activation_budget import describe_plan, plan_checkpointing
     from shardtune.policies.activation_checkpointing import apply_activation_checkpointing
 
     plan = plan_checkpointing(model, layers, run, precision, device, shard_size, reshard_after_forward)
     wrapped = iter(apply_activation_checkpointing(model, [layers[i] for i in plan.layers]) if plan.layers else [])
     chosen = set(plan.layers)
-    return [next(wrapped) if i in chosen else layer for i, layer in enumerate(layers)], describe(plan)
+    return [next(wrapped) if i in chosen else layer for i, layer in enumerate(layers)], describe_plan(plan)
 
 
 class UnitPlacer:
