@@ -232,9 +232,10 @@ def train(model, train_loader, eval_loader, optimizer, lr_scheduler, ctx: TrainC
             if not first_step_reported:  # launch to the first step: loading, sharding, compile, data
                 first_step_reported = True
                 record["since_launch_s"] = round(seconds_since_launch(), 1)
-                log(f"--> first step done {record['since_launch_s']:.0f} s after launch (loading, sharding, data and, "
-                    f"on GPUs, torch.compile of the layers)")
             if distributed.is_main():
+                if "since_launch_s" in record:  # tqdm.write: a line of its own under the progress bar
+                    tqdm.write(f"--> first step done {record['since_launch_s']:.0f} s after launch (loading, "
+                               "sharding, data and, on GPUs, torch.compile of the layers)")
                 ctx.metrics.write("train_step", **record)
                 if state.step % t.log_every_n_steps == 0:
                     pbar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", gnorm=f"{grad_norm:.3f}")
