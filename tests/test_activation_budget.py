@@ -80,7 +80,7 @@ def test_auto_choice_in_a_real_run(tiny_llama_dir, tmp_path, capsys, monkeypatch
     from test_fsdp_support import step_losses
 
     common = dict(model_name=str(tiny_llama_dir), max_train_step=2, save_model=False, context_length=128,
-                  run_validation=False, num_epochs=1, save_metrics=True, precision="fp32")
+                  num_epochs=1, save_metrics=True)  # validation on and the CPU's precision, as users get them
     main(output_dir=str(tmp_path / "all"), **{"fsdp_config.ac_every_n_layers": 1}, **common)
     assert "activation checkpointing on for 2 of 2 decoder layers (--fsdp_config.ac_every_n_layers 1)" \
         in capsys.readouterr().out
