@@ -65,16 +65,41 @@ def summarise(path: str) -> str:
     exposed = length(nccl) - length(intersection(nccl, compute))
     gaps = sorted(((busy[i + 1][0] - busy[i][1], busy[i][1] - t0) for i in range(len(busy) - 1)), reverse=True)[:6]
     by_name: dict = {}
+    by_family: dict = {}
     for k in kernels:
         if is_nccl(k):
             by_name[k["name"][:40]] = by_name.get(k["name"][:40], 0) + k["dur"]
+        else:
+            by_family[family(k["name"])] = by_family.get(family(k["name"]), 0) + k["dur"]
+    # The exposed stretches of communication, each with what ran: where in the step they fall.
+    exposed_at = []
+    for start, end in nccl:
+        covered = length(intersection([(start, end)], compute))
+        if end - start - covered > 300:  # > 0.3 ms uncovered
+            names = {k["name"][:30] for k in kernels if is_nccl(k) and k["ts"] < end and k["ts"] + k["dur"] > start}
+            exposed_at.append((round((end - start - covered) / 1e3, 2), round((start - t0) / 1e3, 1), sorted(names)))
     return "\n".join([
         f"{path.split('/')[-1][:40]}: {n} steps, window {ms(t1 - t0):.1f} ms/step; compute {ms(length(compute)):.1f}; "
         f"nccl {ms(length(nccl)):.1f} (exposed {ms(exposed):.1f}); idle {ms(t1 - t0 - length(busy)):.1f} ms/step",
         "   largest idle gaps (ms, at ms): " + str([(round(g / 1e3, 2), round(at / 1e3, 1)) for g, at in gaps]),
         "   nccl kernels ms/step: "
         + str({k: round(ms(v), 1) for k, v in sorted(by_name.items(), key=lambda x: -x[1])[:4]}),
+        "   compute kernels ms/step (summed, by family): "
+        + str({k: round(ms(v), 1) for k, v in sorted(by_family.items(), key=lambda x: -x[1])}),
+        "   exposed communication (ms uncovered, at ms, kernels): "
+        + str(sorted(exposed_at, reverse=True)[:8]),
     ])
+
+
+def family(name: str) -> str:
+    """A compute kernel's kind, to see which kinds slow down when communication shares the GPU."""
+    low = name.lower()
+    for fam, keys in (("gemm", ("gemm", "xmma", "cutlass", "nvjet", "cublas")), ("attention", ("flash", "fmha", "attn")),
+                      ("triton", ("triton",)), ("optimizer", ("adam", "foreach", "multi_tensor")),
+                      ("copy", ("copy", "memcpy", "memset", "cat", "split", "chunk"))):
+        if any(k in low for k in keys):
+            return fam
+    return "other"
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@
    peak memory, host RSS per rank and losses) and shardtune with the same flags
    (``--enable_fsdp --use_fast_kernels``, batch 4, context 4096 by default, packing, no validation, no
    saving), each under torchrun with --nproc processes; --st_only runs shardtune alone (levers:
-   ``mode@lever``, see LEVERS).
+   ``mode@lever`` or ``mode@lever+lever``, see LEVERS).
 3. Prints one table (tokens/s per GPU, ratio to the reference, MFU, peak allocated / reserved GPU memory,
    host RSS per rank, loss after N steps, launch-to-first-step time) plus versions and GPU name, and
    writes it with every raw log under --out.
@@ -59,6 +59,10 @@ LEVERS = {
     "ac2": (["--fsdp_config.ac_every_n_layers", "2"], {}),
     "acall": (["--fsdp_config.ac_every_n_layers", "1"], {}),  # every layer, as the reference (default: auto)
     "zero2": (["--fsdp_config.sharding_strategy", "SHARD_GRAD_OP"], {}),
+    "cta8": ([], {"NCCL_MAX_CTAS": "8"}),  # fewer SMs for NCCL: less contention with compute kernels
+    "cta4": ([], {"NCCL_MAX_CTAS": "4"}),
+    "cta16": ([], {"NCCL_MAX_CTAS": "16"}),
+    "hiprio": ([], {"TORCH_NCCL_HIGH_PRIORITY": "1"}),
     "prof": (["--use_profiler", "True", "--profiler_wait", "8", "--profiler_warmup", "2", "--profiler_active", "3"],
              {}),
 }
@@ -129,11 +133,13 @@ def run_reference(args, mode, model, data, work) -> dict:
 
 
 def run_shardtune(args, name, model, data, work) -> dict:
-    mode, _, lever = name.partition("@")
-    extra, env_extra = LEVERS[lever] if lever else ([], {})
-    out_dir = work / f"st_out_{name.replace('@', '_')}"
+    mode, _, levers = name.partition("@")  # levers combine: mode@zero2+cta8
+    extra, env_extra = [], {}
+    for lever in filter(None, levers.split("+")):
+        extra, env_extra = extra + LEVERS[lever][0], {**env_extra, **LEVERS[lever][1]}
+    out_dir = work / f"st_out_{name.replace('@', '_').replace('+', '_')}"
     shutil.rmtree(out_dir, ignore_errors=True)
-    log = work / f"st_{name.replace('@', '_')}.log"
+    log = work / f"st_{name.replace('@', '_').replace('+', '_')}.log"
     flags = ["--model_name", str(model), "--enable_fsdp", "--use_fast_kernels", *MODES[mode], *extra,
              "--dataset", "alpaca_dataset", "--alpaca_dataset.data_path", str(data),
              "--batch_size_training", str(args.batch), "--context_length", str(args.context),

@@ -128,15 +128,13 @@ def test_sigterm_checkpoints_and_resume_is_exact(world, tiny_llama_dir, tmp_path
 
 def _agree(rank: int, world: int):
     """Only rank 1 is signalled; both ranks must agree to stop, and only when asked."""
-    import torch
-
     from shardtune.utils.preemption import StopRequest
 
     with StopRequest() as stop:
-        before = stop.agreed_signal(torch.device("cpu"))
+        before = stop.agreed_signal()
         if rank == 1:
             os.kill(os.getpid(), signal.SIGTERM)
-        after = stop.agreed_signal(torch.device("cpu"))
+        after = stop.agreed_signal()
     return [before, after, signal.getsignal(signal.SIGTERM) == signal.SIG_DFL]
 
 

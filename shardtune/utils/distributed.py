@@ -8,7 +8,7 @@ from __future__ import annotations
 import datetime
 import os
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -157,9 +157,18 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def agree(value: int, device: torch.device, op: str = "max") -> int:
+def sum_on_host(values: Sequence[float]) -> List[float]:
+    """Sum a few host-side numbers over ranks (collective under a process group). The tensor stays in host memory,
+    so the sum travels through gloo (the default group's CPU backend) and, unlike a GPU all-reduce read back with
+    ``.tolist()``, does not wait for the GPU's queue to drain: the device keeps working on what was launched."""
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64)
+    return all_reduce_sum(t).tolist()
+
+
+def agree(value: int, device: torch.device = torch.device("cpu"), op: str = "max") -> int:
     """The largest (op="max") or smallest (op="min") of every rank's ``value``, on every rank: for a decision all
-    ranks must take alike. Collective under a process group; ``value`` itself in one process."""
+    ranks must take alike. Collective under a process group; ``value`` itself in one process. On the default
+    ``device`` (the host) the GPU's queue is not drained (see :func:`sum_on_host`)."""
     t = torch.tensor([value], dtype=torch.int64, device=device)
     if group_up():
         dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.MIN)

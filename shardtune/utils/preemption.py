@@ -15,7 +15,6 @@ import signal
 import threading
 from typing import Optional
 
-import torch
 
 from shardtune.observability.logging import log
 from shardtune.utils import distributed
@@ -61,14 +60,15 @@ class StopRequest:
             signal.signal(sig, previous)
         self._previous = {}
 
-    def agreed_signal(self, device: torch.device) -> int:
-        """Collective, once per step: the signal any rank received (0: none), the same on every rank."""
-        return distributed.agree(self.signum, device, op="max")
+    def agreed_signal(self) -> int:
+        """Collective, once per step: the signal any rank received (0: none), the same on every rank. Agreed in host
+        memory (gloo), so the GPU's queue is not drained for it."""
+        return distributed.agree(self.signum, op="max")
 
     def after_step(self, state, ctx, saved: bool) -> None:
         """Called by the loop after every optimizer step; ``saved``: this step's checkpoint is written already.
         Raises :class:`Preempted` once the checkpoint is on disk."""
-        signum = self.agreed_signal(ctx.device)
+        signum = self.agreed_signal()
         if not signum:
             return
         log(f"--> {signal.Signals(signum).name} received: step {state.step} is done; saving a checkpoint "

@@ -145,13 +145,14 @@ def train(model, train_loader, eval_loader, optimizer, lr_scheduler, ctx: TrainC
             for obs in ctx.observers:
                 obs.on_step_start(state)
             # 1. Count the step's supervised tokens over all micro-batches and ranks, before any backward;
-            #    with them (one all-reduce) the input tokens and analytic FLOPs for throughput and MFU.
+            #    with them (one all-reduce) the input tokens and analytic FLOPs for throughput and MFU. The batches
+            #    are still in host memory and so is the sum: the GPU goes on with the previous step meanwhile.
             local_tokens = sum(int(count_supervised_tokens(b["labels"])) for b in micro_batches)
             local_inputs = sum(b["input_ids"].numel() for b in micro_batches)
             local_flops = sum(ctx.model_flops.batch(b["input_ids"].shape) for b in micro_batches) \
                 if ctx.model_flops else 0.0
-            global_tokens, global_inputs, global_flops = distributed.all_reduce_sum(torch.tensor(
-                [float(local_tokens), float(local_inputs), local_flops], dtype=torch.float64, device=ctx.device)).tolist()
+            global_tokens, global_inputs, global_flops = distributed.sum_on_host([local_tokens, local_inputs,
+                                                                                  local_flops])
             # FSDP/DDP average gradients over ranks; multiplying by world cancels that, so the result is
             # sum(loss) / global_tokens exactly.
             scale = world / max(global_tokens, 1.0)
@@ -176,7 +177,7 @@ def train(model, train_loader, eval_loader, optimizer, lr_scheduler, ctx: TrainC
                 ctx.scaler.unscale_(optimizer)
             grad_norm = clip_and_measure_grad_norm(model, clip, ctx.device)
             global_loss_sum = distributed.all_reduce_sum(step_loss_sum.double())
-            # One host-device synchronisation for both numbers (the step's others: the token count, step 1).
+            # The step's one host-device synchronisation, for both numbers (a skip decision needs them).
             grad_norm, global_loss_sum = torch.stack([grad_norm.to(global_loss_sum), global_loss_sum]).tolist()
             step_loss = global_loss_sum / max(global_tokens, 1.0)
 
