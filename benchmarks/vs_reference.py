@@ -59,6 +59,7 @@ LEVERS = {
     "ac2": (["--fsdp_config.ac_every_n_layers", "2"], {}),
     "acall": (["--fsdp_config.ac_every_n_layers", "1"], {}),  # every layer, as the reference (default: auto)
     "zero2": (["--fsdp_config.sharding_strategy", "SHARD_GRAD_OP"], {}),
+    "keep1": (["--fsdp_config.keep_gathered_layers", "1"], {}),  # reshard every layer but the last (session 4)
     "cta8": ([], {"NCCL_MAX_CTAS": "8"}),  # fewer SMs for NCCL: less contention with compute kernels
     "cta4": ([], {"NCCL_MAX_CTAS": "4"}),
     "cta16": ([], {"NCCL_MAX_CTAS": "16"}),
@@ -168,12 +169,14 @@ def run_shardtune(args, name, model, data, work) -> dict:
     fill = re.search(r"blocks of \d+ tokens \((\d+)% filled\)", text)
     gflop = re.search(r"analytic ([0-9.]+) GFLOP per token", text)
     ac = re.search(r"activation checkpointing:? (?:on for (\d+) of (\d+)|off)", text)
+    gathered = re.search(r"the last (\d+) of (\d+) decoder layers stay gathered", text)
     res.update(tps=statistics.median(s["tokens_per_s"] for s in steady),
                mfu=statistics.median(s["mfu"] for s in steady) if steady[0].get("mfu") is not None else None,
                alloc=summary.get("peak_allocated_gb"), reserved=summary.get("peak_reserved_gb"),
                loss_first=steps[0]["loss"], loss=steps[-1]["loss"], fill=fill and int(fill.group(1)),
                gflop_per_token=gflop and float(gflop.group(1)), steps=len(steps),
-               ac=ac and (f"{ac.group(1)}/{ac.group(2)}" if ac.group(1) else "off"))
+               ac=ac and (f"{ac.group(1)}/{ac.group(2)}" if ac.group(1) else "off"),
+               gathered=gathered and f"{gathered.group(1)}/{gathered.group(2)}")
     print(f"   shardtune {name}: {res['tps']:.0f} tok/s/gpu, MFU {100 * (res['mfu'] or 0):.1f}%, "
           f"alloc/reserved {res['alloc']}/{res['reserved']} GB, RSS {rss}, loss {res['loss_first']:.3f}->"
           f"{res['loss']:.3f}, first step after {first}s", flush=True)
@@ -199,7 +202,8 @@ def table(results, env) -> str:
             s = st_mfu[r["mode"]]
             mfu = s["mfu"] * r["tps"] / s["tps"]
         name = f"{r['who']} {r['mode']}" + (f" (rc={r['rc']})" if r.get("rc") else "") \
-            + (f" (AC layers {r['ac']})" if r.get("ac") else "") + (f" ({r['fill']}% filled)" if r.get("fill") else "")
+            + (f" (AC layers {r['ac']})" if r.get("ac") else "") \
+            + (f" (kept gathered {r['gathered']})" if r.get("gathered") else "") + (f" ({r['fill']}% filled)" if r.get("fill") else "")
         lines.append(f"| {name} | {fmt(r.get('tps'), '{:,.0f}')} | {ratio} | {fmt(mfu and 100 * mfu)}% | "
                      f"{fmt(r.get('alloc'))} / {fmt(r.get('reserved'))} | {r.get('rss')} | "
                      f"{fmt(r.get('loss_first'), '{:.3f}')} -> {fmt(r.get('loss'), '{:.3f}')} | "

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from shardtune.policies import activation_budget as AB
-from shardtune.policies.activation_budget import StepMemory, fewest_checkpointed, spread
+from shardtune.policies.activation_budget import StepMemory, fewest_checkpointed, most_gathered, spread
 
 
 def test_fewest_checkpointed_layers_fit_the_budget():
@@ -18,6 +18,20 @@ def test_fewest_checkpointed_layers_fit_the_budget():
     assert fewest_checkpointed(mem, 5) == 4  # nothing fits: every layer, and the plan says OVER
     assert spread(0, 16) == [] and spread(16, 16) == list(range(16))
     assert spread(4, 16) == [0, 4, 8, 12] and spread(3, 4) == [0, 1, 2]
+
+
+def test_layers_kept_gathered_fill_the_room_checkpointing_leaves():
+    """Two gathered layers are in ``fixed`` (the last one and the one backward prefetches); each further layer kept
+    gathered adds its parameters, up to all of them."""
+    mem = StepMemory(fixed=10, layer_activations=5, layer_input=1, n_layers=4, layer_gathered=2)
+    assert mem.peak(0, 1) == mem.peak(0) == 30
+    assert mem.peak(0, 2) == 32  # the last two kept, the third prefetched
+    assert mem.peak(0, 3) == mem.peak(0, 4) == 34  # three kept and the fourth prefetched: all four, as when all kept
+    assert most_gathered(mem, 0, 34) == 4 and most_gathered(mem, 0, 33) == 2 and most_gathered(mem, 0, 31) == 1
+    assert most_gathered(mem, 0, 29) == 1  # no room at all: the last layer only, as always
+    assert most_gathered(mem, 4, 19 + 4) == 4  # checkpointing leaves the room for the parameters
+    # Not resharded after forward (SHARD_GRAD_OP): every layer's parameters are in ``fixed`` already.
+    assert StepMemory(fixed=10, layer_activations=5, layer_input=1, n_layers=4).peak(0, 4) == 30
 
 
 def _llama_1b_on_meta():

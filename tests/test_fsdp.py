@@ -111,9 +111,22 @@ def _where_parameters_live(rank: int, world: int, model_dir: str) -> dict:
     def held(params) -> int:  # elements this rank stores: its shard of a DTensor, all of a gathered tensor
         return sum(p.to_local().numel() if isinstance(p, DTensor) else p.numel() for p in params)
 
+    from shardtune.policies import activation_budget as AB
+
     report = {}
     ids = torch.arange(1, 33).reshape(2, 16)
-    for name, flags in STRATEGIES.items():
+    # Beyond the strategies: layers kept gathered by flag, and by the memory plan with a budget (faked: there is no
+    # GPU here) that has room for every layer, or none at all (just under the smallest estimate: every layer
+    # checkpointed, the last one gathered).
+    kept = {"FULL_SHARD_keep_2": ({"fsdp_config.keep_gathered_layers": 2}, None),
+            "FULL_SHARD_auto_room": ({}, 10 ** 13), "FULL_SHARD_auto_tight": ({}, "peak")}
+    for name, (flags, budget) in {**{k: (v, None) for k, v in STRATEGIES.items()}, **kept}.items():
+        if budget is not None:
+            def device_budget(device, fraction, budget=budget):
+                return budget if budget != "peak" else AB.estimate_step_memory(
+                    model, decoder_layers(model), "fp32", tokens=run.train.batch_size_training *
+                    run.train.context_length, shard_size=2).peak(len(decoder_layers(model)), 1) - 1
+            AB.device_budget = device_budget
         run = parse_cli({"model_name": model_dir, "enable_fsdp": True, "precision": "fp32", **flags})
         model = CausalLMWithLoss(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32))
         layers = decoder_layers(model)
@@ -136,7 +149,8 @@ def test_sharding_strategies_place_parameters_and_gradients_as_documented(tiny_l
     """Where each strategy keeps the decoder layers on 2 ranks: ZeRO-3 (FULL_SHARD, HYBRID_SHARD, HSDP 1x2) holds
     half of them at every point but the last layer after forward (kept gathered: backward needs it first);
     SHARD_GRAD_OP (ZeRO-2) holds them whole from forward to backward; NO_SHARD and
-    HSDP 2x1 replicate them whole, gradients included."""
+    HSDP 2x1 replicate them whole, gradients included. FULL_SHARD keeps more layers gathered after forward with
+    --fsdp_config.keep_gathered_layers, or by default when the memory budget has room for them."""
     import functools
 
     from test_fsdp_support import run_fn_ranks
@@ -155,6 +169,10 @@ def test_sharding_strategies_place_parameters_and_gradients_as_documented(tiny_l
         "HYBRID_SHARD_node_mesh": ([1, 2], ["Replicate()", "Shard(dim=0)"], half, last_gathered, half, half),
         "HSDP_1x2": ([1, 2], ["Replicate()", "Shard(dim=0)"], half, last_gathered, half, half),
         "HSDP_2x1": ([2, 1], ["Replicate()", "Shard(dim=0)"], full, full, full, full),
+        # FULL_SHARD with more layers kept gathered: all of them (2 of 2) after forward, still half at rest
+        "FULL_SHARD_keep_2": ([2], ["Shard(dim=0)"], half, full, half, half),
+        "FULL_SHARD_auto_room": ([2], ["Shard(dim=0)"], half, full, half, half),
+        "FULL_SHARD_auto_tight": ([2], ["Shard(dim=0)"], half, last_gathered, half, half),
     }
     for name, (mesh, placements, at_rest, after_forward, after_backward, grads) in expected.items():
         got = report[name]

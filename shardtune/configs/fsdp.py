@@ -51,6 +51,14 @@ class fsdp_config:
     ac_memory_fraction: float = doc(0.5, "With ac_every_n_layers 0: the share of each GPU's memory (capped by what is "
                                          "free at start) the estimated step may use; lower it when other work "
                                          "shares the GPU or a run runs out of memory.", valid="(0, 1]")
+    keep_gathered_layers: int = doc(-1, "FULL_SHARD / HYBRID_SHARD: how many decoder layers, counted from the last, "
+                                        "keep their gathered parameters from forward to backward instead of "
+                                        "all-gathering them again in backward (less communication, a layer's full "
+                                        "parameters in memory each). -1 (auto) keeps as many as the memory budget "
+                                        "(ac_memory_fraction) leaves after activation checkpointing, all of them "
+                                        "when they fit; n keeps the last n (the last layer always stays gathered: "
+                                        "backward needs it first). SHARD_GRAD_OP keeps every layer.",
+                                    valid="[-1, inf)")
     fsdp_cpu_offload: bool = doc(False, "Keep sharded parameters, gradients and optimizer state in host memory "
                                         "(sharded GPU runs under torchrun with --enable_fsdp only; refused "
                                         "elsewhere).")

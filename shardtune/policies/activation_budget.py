@@ -1,4 +1,5 @@
-"""How many decoder layers to checkpoint: the fewest that keep a step within a GPU memory budget.
+"""The step's GPU memory plan: how many decoder layers to checkpoint (the fewest that keep a step within a GPU
+memory budget) and, with the room left, how many to keep gathered from forward to backward.
 
 Activation checkpointing trades compute for memory: a checkpointed layer keeps only its input during
 forward and runs its forward again in backward (about a third more compute for that layer). Checkpointing
@@ -21,6 +22,13 @@ above the measured peak allocations (benchmarks/README.md: Llama-3.2-1B and Llam
 LoRA). Models whose config lacks ``hidden_size`` / ``intermediate_size`` get every layer checkpointed, as does
 any run off CUDA (no GPU memory to budget). The choice is made once from the smallest budget over ranks, so every rank checkpoints the same
 layers, and it is logged with its numbers.
+
+Under FULL_SHARD and HYBRID_SHARD a layer's gathered parameters are freed after its forward and all-gathered
+again in backward. That second all-gather mostly overlaps compute, but its kernels share the GPU's SMs with the
+matrix multiplications and slow them (measured on 2 x H200: +7% GEMM time, benchmarks/README.md). With
+``--fsdp_config.keep_gathered_layers -1`` (the default) the budget's room left after checkpointing keeps the last
+layers gathered instead (each costs its full parameters, e.g. 0.12 GB for a Llama-3.2-1B layer in bf16): every
+layer of a 1B model on two GPUs, few or none of an 8B model that needs checkpointing.
 """
 from __future__ import annotations
 
@@ -37,27 +45,35 @@ from shardtune.utils import precision as P
 
 @dataclass(frozen=True)
 class StepMemory:
-    """Estimated bytes of one training step on one rank, split into what checkpointing can and cannot change."""
+    """Estimated bytes of one training step on one rank, split into what the plan can and cannot change."""
 
     fixed: int              # parameter/gradient/optimizer shards, gathered parameters, loss workspace
     layer_activations: int  # what one decoder layer keeps for backward when it is not checkpointed
     layer_input: int        # what a checkpointed layer keeps (its input hidden states)
     n_layers: int
+    layer_gathered: int = 0  # one decoder layer's gathered parameters, when layers are resharded after forward
 
-    def peak(self, checkpointed: int) -> int:
-        """The estimated peak with ``checkpointed`` of the layers checkpointed."""
+    def peak(self, checkpointed: int, gathered: int = 1) -> int:
+        """The estimated peak with ``checkpointed`` of the layers checkpointed and the last ``gathered`` layers kept
+        gathered from forward to backward. ``fixed`` holds two gathered layers (the last one, kept, and the one
+        backward prefetches next); each further kept layer adds its parameters."""
         kept = self.n_layers - checkpointed
         recompute = self.layer_activations if checkpointed else 0
-        return self.fixed + kept * self.layer_activations + checkpointed * self.layer_input + recompute
+        extra_gathered = max(0, min(gathered + 1, self.n_layers) - 2) * self.layer_gathered
+        return self.fixed + kept * self.layer_activations + checkpointed * self.layer_input + recompute \
+            + extra_gathered
 
 
 @dataclass(frozen=True)
-class CheckpointPlan:
-    """Which decoder layers (indices) are checkpointed, and why, in words for the log."""
+class MemoryPlan:
+    """The decoder layers checkpointed (indices) and how many, counted from the last, stay gathered from forward to
+    backward; each with why, in words for the log (``gathered_reason`` empty: nothing is resharded anyway)."""
 
     layers: List[int]
     n_layers: int
     reason: str
+    gathered: int
+    gathered_reason: str = ""
 
 
 def fewest_checkpointed(mem: StepMemory, budget: int) -> int:
@@ -66,6 +82,15 @@ def fewest_checkpointed(mem: StepMemory, budget: int) -> int:
         if mem.peak(k) <= budget:
             return k
     return mem.n_layers
+
+
+def most_gathered(mem: StepMemory, checkpointed: int, budget: int) -> int:
+    """The most layers that can stay gathered from forward to backward with ``checkpointed`` layers checkpointed
+    and the peak within ``budget`` (at least the last layer, which backward needs first)."""
+    for kept in range(mem.n_layers, 1, -1):
+        if mem.peak(checkpointed, kept) <= budget:
+            return kept
+    return 1
 
 
 def spread(k: int, n: int) -> List[int]:
@@ -118,7 +143,8 @@ def estimate_step_memory(model: nn.Module, layers: List[nn.Module], precision: s
     loss = min(3 * CHUNK_BYTES, 3 * tokens * vocab * 4) + tokens * h * 8
     per_token = compute * (9 * h + 3 * kv + 4 * inter)
     return StepMemory(fixed=states + gathered + loss, layer_activations=tokens * per_token,
-                      layer_input=tokens * h * compute, n_layers=len(layers))
+                      layer_input=tokens * h * compute, n_layers=len(layers),
+                      layer_gathered=largest_layer if reshard_after_forward else 0)
 
 
 def device_budget(device: torch.device, fraction: float) -> Optional[int]:
@@ -134,39 +160,71 @@ def device_budget(device: torch.device, fraction: float) -> Optional[int]:
     return distributed.agree(min(int(fraction * total), usable), device, op="min")
 
 
-def plan_checkpointing(model: nn.Module, layers: List[nn.Module], run, precision: str, device: torch.device,
-                       shard_size: int, reshard_after_forward: bool = True) -> CheckpointPlan:
-    """The decoder layers to checkpoint under ``run``'s fsdp_config (see the module docstring)."""
+def plan_memory(model: nn.Module, layers: List[nn.Module], run, precision: str, device: torch.device,
+                shard_size: int, reshard_after_forward: bool = True) -> MemoryPlan:
+    """Which decoder layers to checkpoint and how many to keep gathered, under ``run``'s fsdp_config (see the
+    module docstring). Checkpointing comes first: recomputing a layer costs compute, while all-gathering it again
+    in backward mostly overlaps compute; the room the budget has left then keeps layers gathered."""
     f, t = run.fsdp, run.train
     n = len(layers)
+    auto_ac = f.fsdp_activation_checkpointing and f.ac_every_n_layers == 0
+    auto_gathered = reshard_after_forward and f.keep_gathered_layers < 0
+    budget = mem = None
+    if auto_ac or auto_gathered:
+        budget = device_budget(device, f.ac_memory_fraction)  # collective: every rank takes this branch alike
+    if budget is not None:
+        tokens = t.batch_size_training * t.context_length  # packing: exact; padding: samples cut to context_length
+        mem = estimate_step_memory(model, layers, precision, tokens, shard_size, reshard_after_forward,
+                                   frozen_in_compute_dtype=t.use_peft)
+    no_estimate = (f"auto, no GPU memory to budget on {device.type}" if budget is None else
+                   f"auto, no memory estimate for a {type(_text_config(model)).__name__}")
+
+    # 1. Activation checkpointing.
     if not f.fsdp_activation_checkpointing:
-        return CheckpointPlan([], n, "off")
-    if f.ac_every_n_layers >= 1:
-        every = f.ac_every_n_layers
-        chosen = list(range(0, n, every))
-        return CheckpointPlan(chosen, n, f"--fsdp_config.ac_every_n_layers {every}")
-    budget = device_budget(device, f.ac_memory_fraction)
-    if budget is None:
-        return CheckpointPlan(list(range(n)), n, f"auto, no GPU memory to budget on {device.type}")
-    tokens = t.batch_size_training * t.context_length  # packing: exact; padding: samples are cut to context_length
-    mem = estimate_step_memory(model, layers, precision, tokens, shard_size, reshard_after_forward,
-                               frozen_in_compute_dtype=t.use_peft)
-    if mem is None:
-        return CheckpointPlan(list(range(n)), n, "auto, no memory estimate for a "
-                                                 f"{type(_text_config(model)).__name__}")
-    k = fewest_checkpointed(mem, budget)
-    fits = mem.peak(k) <= budget
-    why = (f"auto: estimated peak {mem.peak(k) / GB:.1f} GB {'within' if fits else 'OVER'} the budget "
-           f"{budget / GB:.1f} GB (--fsdp_config.ac_memory_fraction {f.ac_memory_fraction} of the GPU, capped by "
-           f"free memory); no checkpointing would need {mem.peak(0) / GB:.1f} GB, every layer "
-           f"{mem.peak(n) / GB:.1f} GB")
-    return CheckpointPlan(spread(k, n), n, why)
+        layers_ac, why_ac = [], "off"
+    elif f.ac_every_n_layers >= 1:
+        layers_ac, why_ac = list(range(0, n, f.ac_every_n_layers)), f"--fsdp_config.ac_every_n_layers {f.ac_every_n_layers}"
+    elif mem is None:
+        layers_ac, why_ac = list(range(n)), no_estimate
+    else:
+        k = fewest_checkpointed(mem, budget)
+        fits = mem.peak(k) <= budget
+        layers_ac = spread(k, n)
+        why_ac = (f"auto: estimated peak {mem.peak(k) / GB:.1f} GB {'within' if fits else 'OVER'} the budget "
+                  f"{budget / GB:.1f} GB (--fsdp_config.ac_memory_fraction {f.ac_memory_fraction} of the GPU, capped "
+                  f"by free memory); no checkpointing would need {mem.peak(0) / GB:.1f} GB, every layer "
+                  f"{mem.peak(n) / GB:.1f} GB")
+
+    # 2. Layers kept gathered from forward to backward (only where layers are resharded after forward at all).
+    if not reshard_after_forward:
+        gathered, why_gathered = n, ""
+    elif f.keep_gathered_layers >= 0:
+        gathered = min(n, max(1, f.keep_gathered_layers))
+        why_gathered = f"--fsdp_config.keep_gathered_layers {f.keep_gathered_layers}"
+    elif mem is None:
+        gathered, why_gathered = 1, no_estimate
+    else:
+        gathered = most_gathered(mem, len(layers_ac), budget)
+        why_gathered = (f"auto: estimated peak {mem.peak(len(layers_ac), gathered) / GB:.1f} GB within the budget "
+                        f"{budget / GB:.1f} GB; all {n} would need {mem.peak(len(layers_ac), n) / GB:.1f} GB"
+                        if gathered < n else f"auto: estimated peak {mem.peak(len(layers_ac), n) / GB:.1f} GB within "
+                        f"the budget {budget / GB:.1f} GB")
+    return MemoryPlan(layers_ac, n, why_ac, gathered, why_gathered)
 
 
-def describe_plan(plan: CheckpointPlan) -> str:
+def describe_plan(plan: MemoryPlan) -> str:
+    """The activation checkpointing part of the plan, for the log."""
     if plan.reason == "off":
         return "off"
     return f"on for {len(plan.layers)} of {plan.n_layers} decoder layers ({plan.reason})"
+
+
+def describe_gathered(plan: MemoryPlan) -> str:
+    """The layers kept gathered, for the log ('' when nothing is resharded after forward anyway)."""
+    if not plan.gathered_reason:
+        return ""
+    return (f"the last {plan.gathered} of {plan.n_layers} decoder layers stay gathered from forward to backward "
+            f"({plan.gathered_reason})")
 
 
 def _text_config(model: nn.Module):

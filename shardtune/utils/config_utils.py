@@ -366,7 +366,8 @@ def check_output_dir(path_text: str) -> None:
 
 
 # Options that only act on a sharded run, with their defaults: set without --enable_fsdp they would be ignored.
-FSDP_ONLY = ("fsdp_cpu_offload", "hsdp", "sharding_group_size", "replica_group_size", "sharding_strategy")
+FSDP_ONLY = ("fsdp_cpu_offload", "hsdp", "sharding_group_size", "replica_group_size", "sharding_strategy",
+             "keep_gathered_layers")
 
 
 def validate(run: RunConfigs) -> None:

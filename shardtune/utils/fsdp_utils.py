@@ -142,9 +142,11 @@ def wrap_model(model: nn.Module, run: RunConfigs, dist_info: DistInfo, precision
         model.to(dist_info.device)
     from shardtune.policies.wrapping import fsdp_units
 
-    _, ac = checkpoint_layers(model, fsdp_units(model), run, precision, dist_info.device, shard_size=1,
-                              reshard_after_forward=False)  # autocast keeps a compute-dtype copy of each weight
-    log(f"--> activation checkpointing {ac}")
+    from shardtune.policies.activation_budget import describe_plan
+
+    _, memory_plan = checkpoint_layers(model, fsdp_units(model), run, precision, dist_info.device, shard_size=1,
+                                       reshard_after_forward=False)  # autocast keeps a compute-dtype copy of each weight
+    log(f"--> activation checkpointing {describe_plan(memory_plan)}")
     return model, lambda m, sync: None
 
 
@@ -156,6 +158,7 @@ def shard_model(model: nn.Module, run: RunConfigs, dist_info: DistInfo, precisio
     """
     from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
 
+    from shardtune.policies.activation_budget import describe_gathered, describe_plan
     from shardtune.policies.mixed_precision import describe, mp_policy_for
     from shardtune.policies.wrapping import describe_units, fsdp_units
 
@@ -184,8 +187,8 @@ def shard_model(model: nn.Module, run: RunConfigs, dist_info: DistInfo, precisio
     full_state = model.state_dict() if low_cpu and dist_info.is_main else {}
 
     units_msg = describe_units(model)
-    layers, ac = checkpoint_layers(model, fsdp_units(model), run, precision, device, shard_size=plan.shape[-1],
-                                   reshard_after_forward=plan.reshard_after_forward)
+    layers, memory_plan = checkpoint_layers(model, fsdp_units(model), run, precision, device,
+                                            shard_size=plan.shape[-1], reshard_after_forward=plan.reshard_after_forward)
 
     offload = OffloadPolicy()
     if f.fsdp_cpu_offload:
@@ -193,10 +196,11 @@ def shard_model(model: nn.Module, run: RunConfigs, dist_info: DistInfo, precisio
     kwargs = dict(mesh=mesh, mp_policy=mp_policy_for(precision), offload_policy=offload)
     for i, layer in enumerate(layers):
         place(layer.parameters())
-        # The last layer is the first one backward needs: freeing its gathered parameters after forward
-        # would only all-gather them again at once, with nothing left to overlap that all-gather with.
-        last = i == len(layers) - 1
-        fully_shard(layer, reshard_after_forward=plan.reshard_after_forward and not last, **kwargs)
+        # The last layers keep their gathered parameters for backward (at least the last one, which backward needs
+        # first: freeing it would only all-gather it again at once, with nothing to overlap that with); how many
+        # more is the memory plan's choice (policies/activation_budget.py).
+        kept = i >= len(layers) - memory_plan.gathered
+        fully_shard(layer, reshard_after_forward=plan.reshard_after_forward and not kept, **kwargs)
     # Likewise the root's parameters (embeddings, final norm, output layer) stay gathered after forward.
     place(p for p in model.parameters() if not isinstance(p, DTensor))  # what no layer took
     fully_shard(model, reshard_after_forward=False, **kwargs)
@@ -210,9 +214,10 @@ def shard_model(model: nn.Module, run: RunConfigs, dist_info: DistInfo, precisio
         log_all(f"--> low_cpu_fsdp: weights {'read from disk' if dist_info.is_main else 'received from rank 0'}; "
                 f"peak host RSS so far {rss:.0f} MB")
 
+    gathered = describe_gathered(memory_plan)
     log(f"--> FSDP2 {plan.description}; mesh {tuple(plan.shape)} {list(plan.dim_names)}; units {units_msg}; "
-        f"{describe(precision)}; activation checkpointing {ac}; "
-        f"CPU offload {'on' if f.fsdp_cpu_offload else 'off'}")
+        f"{describe(precision)}; activation checkpointing {describe_plan(memory_plan)}; "
+        + (f"{gathered}; " if gathered else "") + f"CPU offload {'on' if f.fsdp_cpu_offload else 'off'}")
     return model
 
 
@@ -220,15 +225,15 @@ def checkpoint_layers(model: nn.Module, layers: list, run: RunConfigs, precision
                       shard_size: int, reshard_after_forward: bool):
     """Checkpoint the decoder layers that policies/activation_budget.py picks for this run.
 
-    Returns (the layers with checkpointed ones replaced by their wrappers: the modules to shard, a
-    description for the log)."""
-    from shardtune.policies.activation_budget import describe_plan, plan_checkpointing
+    Returns (the layers with checkpointed ones replaced by their wrappers: the modules to shard, the memory plan:
+    what was checkpointed and how many layers stay gathered)."""
+    from shardtune.policies.activation_budget import plan_memory
     from shardtune.policies.activation_checkpointing import apply_activation_checkpointing
 
-    plan = plan_checkpointing(model, layers, run, precision, device, shard_size, reshard_after_forward)
+    plan = plan_memory(model, layers, run, precision, device, shard_size, reshard_after_forward)
     wrapped = iter(apply_activation_checkpointing(model, [layers[i] for i in plan.layers]) if plan.layers else [])
     chosen = set(plan.layers)
-    return [next(wrapped) if i in chosen else layer for i, layer in enumerate(layers)], describe_plan(plan)
+    return [next(wrapped) if i in chosen else layer for i, layer in enumerate(layers)], plan
 
 
 class UnitPlacer:
