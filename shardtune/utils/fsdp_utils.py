@@ -6,7 +6,7 @@ The reference's FSDP1 flags map onto FSDP2 like this:
 =====================  ===========================================================================
 sharding_strategy      FSDP2
 =====================  ===========================================================================
-FULL_SHARD             1-D mesh over all ranks; parameters re-sharded after each forward but the last layer's
+FULL_SHARD             1-D mesh over all ranks; re-sharded after forward but the last layers
 SHARD_GRAD_OP          same mesh; ``reshard_after_forward=False`` (gathered parameters kept for backward)
 NO_SHARD               2-D mesh (world x 1): every rank holds everything, gradients are all-reduced
 HYBRID_SHARD           2-D mesh (replicas x shard group): shard inside a group, all-reduce across groups
