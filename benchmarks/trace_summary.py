@@ -94,7 +94,8 @@ def summarise(path: str) -> str:
 def family(name: str) -> str:
     """A compute kernel's kind, to see which kinds slow down when communication shares the GPU."""
     low = name.lower()
-    for fam, keys in (("gemm", ("gemm", "xmma", "cutlass", "nvjet", "cublas")), ("attention", ("flash", "fmha", "attn")),
+    for fam, keys in (("gemm", ("gemm", "xmma", "cutlass", "nvjet", "cublas")),
+                      ("attention", ("flash", "fmha", "attn")),
                       ("triton", ("triton",)), ("optimizer", ("adam", "foreach", "multi_tensor")),
                       ("copy", ("copy", "memcpy", "memset", "cat", "split", "chunk"))):
         if any(k in low for k in keys):

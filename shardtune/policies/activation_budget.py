@@ -183,7 +183,8 @@ def plan_memory(model: nn.Module, layers: List[nn.Module], run, precision: str, 
     if not f.fsdp_activation_checkpointing:
         layers_ac, why_ac = [], "off"
     elif f.ac_every_n_layers >= 1:
-        layers_ac, why_ac = list(range(0, n, f.ac_every_n_layers)), f"--fsdp_config.ac_every_n_layers {f.ac_every_n_layers}"
+        layers_ac = list(range(0, n, f.ac_every_n_layers))
+        why_ac = f"--fsdp_config.ac_every_n_layers {f.ac_every_n_layers}"
     elif mem is None:
         layers_ac, why_ac = list(range(n)), no_estimate
     else:

@@ -140,12 +140,12 @@ def wrap_model(model: nn.Module, run: RunConfigs, dist_info: DistInfo, precision
         log("--> --enable_fsdp with a single process: training without sharding")
     if not on_device:
         model.to(dist_info.device)
+    from shardtune.policies.activation_budget import describe_plan
     from shardtune.policies.wrapping import fsdp_units
 
-    from shardtune.policies.activation_budget import describe_plan
-
+    # reshard_after_forward=False: nothing is sharded (autocast keeps a compute-dtype copy of each weight).
     _, memory_plan = checkpoint_layers(model, fsdp_units(model), run, precision, dist_info.device, shard_size=1,
-                                       reshard_after_forward=False)  # autocast keeps a compute-dtype copy of each weight
+                                       reshard_after_forward=False)
     log(f"--> activation checkpointing {describe_plan(memory_plan)}")
     return model, lambda m, sync: None
 

@@ -15,7 +15,6 @@ import signal
 import threading
 from typing import Optional
 
-
 from shardtune.observability.logging import log
 from shardtune.utils import distributed
 
