@@ -137,6 +137,27 @@ def test_ac_every_n_layers_checkpoints_a_subset_with_unchanged_losses(tiny_llama
     assert step_losses(tmp_path / "half") == pytest.approx(step_losses(tmp_path / "all"), abs=1e-6)
 
 
+def test_layers_kept_gathered_change_no_number(tiny_llama_dir, tmp_path):
+    """2 ranks (gloo), fp32, validation and a sharded checkpoint on, as users get them: keeping both layers gathered
+    from forward to backward logs so and gives the same training and evaluation losses as the default placement
+    (off a GPU: the last layer only), and its checkpoint is written (and checked) alike."""
+    from test_fsdp_support import base_kwargs, run_ranks, step_losses
+
+    users = dict(run_validation=True, save_model=True)
+    base = run_ranks(2, base_kwargs(tiny_llama_dir, tmp_path / "one", **users), tmp_path / "r_one")
+    kept = run_ranks(2, base_kwargs(tiny_llama_dir, tmp_path / "two", **users,
+                                    **{"fsdp_config.keep_gathered_layers": 2}), tmp_path / "r_two")
+    assert "the last 1 of 2 decoder layers stay gathered from forward to backward (auto, no GPU memory to budget " \
+           "on cpu)" in base[0]["log"]
+    assert "the last 2 of 2 decoder layers stay gathered from forward to backward " \
+           "(--fsdp_config.keep_gathered_layers 2)" in kept[0]["log"]
+    assert step_losses(tmp_path / "two") == pytest.approx(step_losses(tmp_path / "one"), abs=1e-6)
+    assert kept[0]["summary"]["eval_loss"] == pytest.approx(base[0]["summary"]["eval_loss"], abs=1e-6)
+    assert base[0]["summary"]["eval_loss"]  # evaluation ran
+    for out in ("one", "two"):
+        assert any((tmp_path / out).rglob("*.distcp")), out  # the sharded checkpoint
+
+
 def test_is_packed_tells_packed_loaders_from_padded_ones(bundled_tokenizer_dir):
     """The attention choice follows the loader: FlexAttention only where blocks are packed."""
     from transformers import AutoTokenizer
