@@ -262,3 +262,36 @@ def test_auto_activation_checkpointing_plans_within_its_budget_and_above_the_mea
         assert m and int(m.group(1)) == expected, log[-3000:]
         summary = json.loads((tmp_path / name / "summary.json").read_text())
         assert summary["peak_allocated_gb"] <= float(m.group(2)), (name, summary["peak_allocated_gb"], m.group(2))
+
+
+@two_gpus
+def test_auto_plan_keeps_layers_gathered_within_its_budget_and_changes_no_loss(tmp_path):
+    """2 GPUs, FULL_SHARD, the default auto plan: a budget set between the estimates for keeping 2 and 3 of 4 layers
+    gathered (with room for no checkpointing) keeps exactly 2, says so, peaks below its estimate, and trains with the
+    same losses as keeping only the last layer (--fsdp_config.keep_gathered_layers 1)."""
+    import re
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from shardtune.policies import activation_budget as AB
+    from shardtune.policies.wrapping import fsdp_units
+    from shardtune.utils.loss import CausalLMWithLoss
+
+    model_dir = save_llama(tmp_path / "model", hidden_size=1024, intermediate_size=4096, num_hidden_layers=4,
+                           num_attention_heads=16, num_key_value_heads=4)
+    batch, context = 8, 1024
+    with torch.device("meta"):
+        model = CausalLMWithLoss(AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir)))
+    mem = AB.estimate_step_memory(model, fsdp_units(model), "bf16_pure", tokens=batch * context, shard_size=2)
+    fraction = (mem.peak(0, 2) + mem.peak(0, 3)) / 2 / torch.cuda.mem_get_info()[1]
+    flags = quick_flags(model_dir, enable_fsdp=True, batch_size_training=batch, context_length=context,
+                        **{"fsdp_config.pure_bf16": True, "fsdp_config.ac_memory_fraction": f"{fraction:.6f}"})
+    log = launch(flags, tmp_path / "auto", nproc=2)
+    assert "activation checkpointing on for 0 of 4 decoder layers" in log, log[-3000:]
+    m = re.search(r"the last (\d+) of 4 decoder layers stay gathered from forward to backward \(auto: estimated peak "
+                  r"([0-9.]+) GB within", log)
+    assert m and int(m.group(1)) == 2, log[-3000:]
+    summary = json.loads((tmp_path / "auto" / "summary.json").read_text())
+    assert summary["peak_allocated_gb"] <= float(m.group(2)), (summary["peak_allocated_gb"], m.group(2))
+    launch(flags + ["--fsdp_config.keep_gathered_layers", "1"], tmp_path / "one", nproc=2)
+    assert step_losses(tmp_path / "auto") == pytest.approx(step_losses(tmp_path / "one"), abs=1e-5)
