@@ -48,9 +48,10 @@ class fsdp_config:
                                     "ac_memory_fraction of the GPU (every layer off CUDA); 1 every layer, as the "
                                     "reference; n every n-th layer. The choice and its estimate are logged at "
                                     "start (policies/activation_budget.py).", valid="[0, inf)")
-    ac_memory_fraction: float = doc(0.5, "With ac_every_n_layers 0: the share of each GPU's memory (capped by what is "
-                                         "free at start) the estimated step may use; lower it when other work "
-                                         "shares the GPU or a run runs out of memory.", valid="(0, 1]")
+    ac_memory_fraction: float = doc(0.5, "With ac_every_n_layers 0 or keep_gathered_layers -1 (the automatic "
+                                         "memory plan): the share of each GPU's memory (capped by what is free at "
+                                         "start) the estimated step may use; lower it when other work shares the GPU "
+                                         "or a run runs out of memory.", valid="(0, 1]")
     keep_gathered_layers: int = doc(-1, "FULL_SHARD / HYBRID_SHARD: how many decoder layers, counted from the last, "
                                         "keep their gathered parameters from forward to backward instead of "
                                         "all-gathering them again in backward (less communication, a layer's full "
