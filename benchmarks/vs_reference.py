@@ -138,9 +138,10 @@ def run_shardtune(args, name, model, data, work) -> dict:
     extra, env_extra = [], {}
     for lever in filter(None, levers.split("+")):
         extra, env_extra = extra + LEVERS[lever][0], {**env_extra, **LEVERS[lever][1]}
-    out_dir = work / f"st_out_{name.replace('@', '_').replace('+', '_')}"
+    tag = re.sub(r"[@+]", "_", name)
+    out_dir = work / f"st_out_{tag}"
     shutil.rmtree(out_dir, ignore_errors=True)
-    log = work / f"st_{name.replace('@', '_').replace('+', '_')}.log"
+    log = work / f"st_{tag}.log"
     flags = ["--model_name", str(model), "--enable_fsdp", "--use_fast_kernels", *MODES[mode], *extra,
              "--dataset", "alpaca_dataset", "--alpaca_dataset.data_path", str(data),
              "--batch_size_training", str(args.batch), "--context_length", str(args.context),
@@ -203,7 +204,8 @@ def table(results, env) -> str:
             mfu = s["mfu"] * r["tps"] / s["tps"]
         name = f"{r['who']} {r['mode']}" + (f" (rc={r['rc']})" if r.get("rc") else "") \
             + (f" (AC layers {r['ac']})" if r.get("ac") else "") \
-            + (f" (kept gathered {r['gathered']})" if r.get("gathered") else "") + (f" ({r['fill']}% filled)" if r.get("fill") else "")
+            + (f" (kept gathered {r['gathered']})" if r.get("gathered") else "") \
+            + (f" ({r['fill']}% filled)" if r.get("fill") else "")
         lines.append(f"| {name} | {fmt(r.get('tps'), '{:,.0f}')} | {ratio} | {fmt(mfu and 100 * mfu)}% | "
                      f"{fmt(r.get('alloc'))} / {fmt(r.get('reserved'))} | {r.get('rss')} | "
                      f"{fmt(r.get('loss_first'), '{:.3f}')} -> {fmt(r.get('loss'), '{:.3f}')} | "

@@ -223,7 +223,7 @@ def shard_model(model: nn.Module, run: RunConfigs, dist_info: DistInfo, precisio
 
 def checkpoint_layers(model: nn.Module, layers: list, run: RunConfigs, precision: str, device: torch.device,
                       shard_size: int, reshard_after_forward: bool):
-    """Checkpoint the decoder layers that policies/activation_budget.py picks for this run.
+    """Plan the step's memory (policies/activation_budget.py) and checkpoint the decoder layers the plan picks.
 
     Returns (the layers with checkpointed ones replaced by their wrappers: the modules to shard, the memory plan:
     what was checkpointed and how many layers stay gathered)."""

@@ -232,12 +232,9 @@ def test_benchmark_harness_short_mode(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # Automatic activation checkpointing (policies/activation_budget.py)
 # ---------------------------------------------------------------------------------------------
-def test_auto_activation_checkpointing_plans_within_its_budget_and_above_the_measured_peak(tmp_path):
-    """On a GPU, with the default auto choice: (1) a budget set between the estimates for checkpointing 1 and 2 of
-    4 layers makes the run checkpoint exactly 2, and the log gives the numbers; (2) the estimate is on the safe side:
-    the measured peak allocation of each run is below the estimated peak of its plan."""
-    import re
-
+def _four_layer_model_and_estimate(tmp_path, shard_size: int):
+    """A 4-layer Llama written to tmp_path/model, the micro-batch the memory-plan tests train with, and the plan's
+    estimate for it in pure bf16 with ``shard_size`` ranks sharing the parameters."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from shardtune.policies import activation_budget as AB
@@ -249,7 +246,17 @@ def test_auto_activation_checkpointing_plans_within_its_budget_and_above_the_mea
     batch, context = 8, 1024
     with torch.device("meta"):
         model = CausalLMWithLoss(AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir)))
-    mem = AB.estimate_step_memory(model, fsdp_units(model), "bf16_pure", tokens=batch * context, shard_size=1)
+    mem = AB.estimate_step_memory(model, fsdp_units(model), "bf16_pure", tokens=batch * context, shard_size=shard_size)
+    return model_dir, batch, context, mem
+
+
+def test_auto_activation_checkpointing_plans_within_its_budget_and_above_the_measured_peak(tmp_path):
+    """On a GPU, with the default auto choice: (1) a budget set between the estimates for checkpointing 1 and 2 of
+    4 layers makes the run checkpoint exactly 2, and the log gives the numbers; (2) the estimate is on the safe side:
+    the measured peak allocation of each run is below the estimated peak of its plan."""
+    import re
+
+    model_dir, batch, context, mem = _four_layer_model_and_estimate(tmp_path, shard_size=1)
     total = torch.cuda.mem_get_info()[1]
     fraction = (mem.peak(2) + mem.peak(1)) / 2 / total  # room for 2 checkpointed layers, not for 1
     flags = quick_flags(model_dir, enable_fsdp=True, batch_size_training=batch, context_length=context,
@@ -271,18 +278,7 @@ def test_auto_plan_keeps_layers_gathered_within_its_budget_and_changes_no_loss(t
     same losses as keeping only the last layer (--fsdp_config.keep_gathered_layers 1)."""
     import re
 
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from shardtune.policies import activation_budget as AB
-    from shardtune.policies.wrapping import fsdp_units
-    from shardtune.utils.loss import CausalLMWithLoss
-
-    model_dir = save_llama(tmp_path / "model", hidden_size=1024, intermediate_size=4096, num_hidden_layers=4,
-                           num_attention_heads=16, num_key_value_heads=4)
-    batch, context = 8, 1024
-    with torch.device("meta"):
-        model = CausalLMWithLoss(AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir)))
-    mem = AB.estimate_step_memory(model, fsdp_units(model), "bf16_pure", tokens=batch * context, shard_size=2)
+    model_dir, batch, context, mem = _four_layer_model_and_estimate(tmp_path, shard_size=2)
     fraction = (mem.peak(0, 2) + mem.peak(0, 3)) / 2 / torch.cuda.mem_get_info()[1]
     flags = quick_flags(model_dir, enable_fsdp=True, batch_size_training=batch, context_length=context,
                         **{"fsdp_config.pure_bf16": True, "fsdp_config.ac_memory_fraction": f"{fraction:.6f}"})
