@@ -1,8 +1,8 @@
 """``main``: one straight path through named modules, one numbered block each.
 
-1. config (configs/, utils/config_utils.py)    2. processes, device, precision (utils/distributed.py,
-utils/precision.py)    3. data (datasets/, data/)    4. model (utils/model_builder.py)    5. wrap
-(utils/fsdp_utils.py)    6. optimizer    7. loop (utils/train_utils.py), which writes checkpoints and the
+1. config (configs/, configs/parse.py)    2. processes, device, precision (utils/distributed.py,
+configs/precision.py)    3. data (datasets/, data/)    4. model (models/builder.py)    5. wrap
+(policies/fsdp.py)    6. optimizer    7. loop (training/loop.py), which writes checkpoints and the
 exported model (model_checkpointing/). Observability (observability/) watches from the side.
 
 All checks that can fail on user input run before the model's weights are loaded (data comes before the
@@ -21,31 +21,17 @@ from typing import Optional
 
 import torch
 
+from shardtune.configs import precision as P
+from shardtune.configs.parse import parse_cli, resolve_compile, save_resolved
+from shardtune.configs.run import RunConfigs
+from shardtune.errors import EXIT_PREEMPTED, ConfigError, first_line
+from shardtune.policies.mixed_precision import autocast, grad_scaler
+from shardtune.policies.optimizer import build_lr_scheduler, build_optimizer
+from shardtune.training.preemption import Preempted
 from shardtune.utils import distributed
-from shardtune.utils import precision as P
-from shardtune.utils.config_utils import (ConfigError, RunConfigs, first_line, parse_cli, resolve_compile,
-                                          save_resolved)
-from shardtune.observability.logging import log, warn
 from shardtune.utils.io import atomic_write_text, remove_new_files_on_error
-from shardtune.utils.preemption import PREEMPTED_EXIT_CODE, Preempted
+from shardtune.utils.logging import log, warn
 from shardtune.utils.rng import seed_everything
-
-
-def build_optimizer(model: torch.nn.Module, run: RunConfigs, device: torch.device):
-    """AdamW (fused on CUDA) with no weight decay on biases and norm weights (1-D tensors), or the
-    reference's AnyPrecisionAdamW."""
-    t, f = run.train, run.fsdp
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    groups = [g for g in groups if g["params"]]
-    if f.optimizer.lower() == "anyprecision":
-        from shardtune.policies.anyprecision_optimizer import AnyPrecisionAdamW
-
-        return AnyPrecisionAdamW(groups, lr=t.lr, momentum_dtype=torch.bfloat16, variance_dtype=torch.bfloat16,
-                                 use_kahan_summation=f.use_kahan_summation)
-    return torch.optim.AdamW(groups, lr=t.lr, fused=device.type == "cuda")
 
 
 def build_data(run: RunConfigs, tokenizer, dist_info):
@@ -77,7 +63,7 @@ def main(**kwargs) -> dict:
         raise ConfigError(f"launched with {distributed.env_world_size()} processes but without --enable_fsdp: "
                           "add --enable_fsdp to shard the model (or run one process)")
     if t.quantization:
-        from shardtune.policies.quantization import check_available
+        from shardtune.models.quantization import check_available
 
         check_available()  # a CUDA GPU and bitsandbytes: one line, before anything is loaded
     from shardtune.observability.profiler import check_profiler_config
@@ -86,15 +72,15 @@ def main(**kwargs) -> dict:
     check_trackers(run)  # --use_wandb / --use_tensorboard without the 'tracking' extra: one line, now
     check_profiler_config(run)
 
-    from shardtune.utils.model_utils import ModelSource, check_against_model_config, check_weight_files, \
-        load_model_config, load_tokenizer
+    from shardtune.models.loading import (ModelSource, check_against_model_config, check_weight_files,
+                                          load_model_config, load_tokenizer)
 
     model_source = ModelSource.parse(t.model_name)
     model_config = load_model_config(model_source)  # cheap: config.json only
     check_weight_files(model_source)  # truncated or corrupt safetensors: headers only
     check_against_model_config(t, model_config)
     if t.use_peft:
-        from shardtune.utils.peft_utils import check_peft_supported
+        from shardtune.models.peft import check_peft_supported
 
         check_peft_supported(run, model_config.model_type)
     tokenizer = load_tokenizer(t.tokenizer_name or t.model_name,
@@ -107,14 +93,13 @@ def main(**kwargs) -> dict:
     dist_info = distributed.setup(t.enable_fsdp, t.dist_timeout_s)
     device = dist_info.device
     seed_everything(t.seed)
-    precision = P.resolve(run, device)  # one mode; utils/precision.py says what it implies
+    precision = P.resolve(run, device)  # one mode; configs/precision.py says what it implies
     if t.quantization:
-        from shardtune.policies.quantization import check_quantization
+        from shardtune.models.quantization import check_quantization
 
         check_quantization(run, precision, sharded=t.enable_fsdp and dist_info.distributed)
     output_dir = Path(t.output_dir)
-    from shardtune.model_checkpointing.output_dir import (claim_output_dir, lock_new_output_dir, release_locks,
-                                                         start_run)
+    from shardtune.model_checkpointing.output_dir import claim_output_dir, lock_new_output_dir, release_locks, start_run
 
     # One run per output folder (a lock), and never silently on top of an earlier run's results. Nothing is
     # written here: a folder that does not exist yet is created (and locked) once every input is checked.
@@ -127,7 +112,7 @@ def main(**kwargs) -> dict:
     log(f"--> device {device} x {dist_info.world_size} process(es), precision {precision}"
         + (f"; {allocator_note}" if device.type == "cuda" else ""))
     if t.enable_fsdp:
-        from shardtune.utils.fsdp_utils import check_fsdp_config
+        from shardtune.policies.fsdp import check_fsdp_config
 
         check_fsdp_config(run, dist_info)  # mesh sizes, CPU offload: one-line errors before anything is loaded
     from shardtune.model_checkpointing.checkpoint import find_resume_point
@@ -144,18 +129,18 @@ def main(**kwargs) -> dict:
     if distributed.is_main():
         lock_new_output_dir(run_dir)
         save_resolved(run, output_dir / "run_config.yaml")
-    from shardtune.utils.config_help import format_changed_settings
+    from shardtune.configs.help import format_changed_settings
 
     log(f"--> settings that differ from the defaults (the full config is in {output_dir / 'run_config.yaml'}):\n"
         f"{format_changed_settings(run)}")
 
-    # 4. Model: build (load, freeze, PEFT: utils/model_builder.py) and wrap it for the loss (utils/loss.py).
-    from shardtune.utils.loss import CausalLMWithLoss
-    from shardtune.utils.model_builder import WeightSource, build_model
+    # 4. Model: build (load, freeze, PEFT: models/builder.py) and wrap it for the loss (models/loss.py).
+    from shardtune.models.builder import WeightSource, build_model
+    from shardtune.models.loss import CausalLMWithLoss
 
     bnb_config = run.quantization.create_bnb_config(t.quantization) if t.quantization else None
     # --low_cpu_fsdp: ranks other than 0 build the model on the meta device and receive rank 0's weights. A
-    # quantized model cannot travel that way (policies/quantization.py): every rank loads its own 4-bit copy.
+    # quantized model cannot travel that way (models/quantization.py): every rank loads its own 4-bit copy.
     meta = t.low_cpu_fsdp and not dist_info.is_main and bnb_config is None
     if t.low_cpu_fsdp and bnb_config is not None:
         log(f"--> --low_cpu_fsdp with --quantization {t.quantization}: every rank loads the quantized model "
@@ -167,7 +152,7 @@ def main(**kwargs) -> dict:
     if isinstance(export_dtype, str):
         export_dtype = getattr(torch, export_dtype)
     from shardtune.data.loader import is_packed
-    from shardtune.utils.model_builder import load_dtype
+    from shardtune.models.builder import load_dtype
 
     lm = build_model(run, source, precision, device, tokenizer, meta=meta, packing=is_packed(train_loader),
                      dtype=load_dtype(run, precision, dist_info, source, export_dtype), bnb_config=bnb_config)
@@ -181,21 +166,21 @@ def main(**kwargs) -> dict:
         f"{sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.2f}M trainable")
 
     # 5. Wrap: shard with FSDP2 under torchrun, else move to the device; activation checkpointing either way.
-    from shardtune.utils.fsdp_utils import wrap_model
+    from shardtune.policies.fsdp import wrap_model
 
     model, sync_fn = wrap_model(model, run, dist_info, precision, on_device=bnb_config is not None)
 
     # 6. Optimizer, schedule, precision helpers.
     optimizer = build_optimizer(model, run, device)
-    lr_scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=t.gamma)
-    scaler = P.grad_scaler(precision, device)
+    lr_scheduler = build_lr_scheduler(optimizer, run)
+    scaler = grad_scaler(precision, device)
 
     # 7. Train; checkpoints and the exported model are written from inside the loop (model_checkpointing/).
     from shardtune.model_checkpointing.checkpoint import Checkpointer
     from shardtune.observability.metrics import MetricsWriter
+    from shardtune.training.loop import TrainContext, train
+    from shardtune.training.preemption import StopRequest
     from shardtune.utils.disk import guard_saves, warn_if_low_disk
-    from shardtune.utils.preemption import StopRequest
-    from shardtune.utils.train_utils import TrainContext, train
 
     stamp = time.strftime("%Y%m%d-%H%M%S")
     metrics_path = output_dir / f"metrics_{stamp}.jsonl" if t.save_metrics and distributed.is_main() else None
@@ -243,7 +228,7 @@ def main(**kwargs) -> dict:
             release_locks()
             return {"steps": state.step, "already_finished": True}
 
-    ctx = TrainContext(run=run, device=device, autocast=P.autocast(precision, device, t.enable_fsdp and
+    ctx = TrainContext(run=run, device=device, autocast=autocast(precision, device, t.enable_fsdp and
                                                                    dist_info.distributed),
                        scaler=scaler, metrics=metrics, set_gradient_sync=sync_fn, save_checkpoint=save_checkpoint,
                        observers=observers, model_flops=model_flops, peak_tflops=peak_tflops,
@@ -312,7 +297,7 @@ def _help_topic(argv) -> Optional[str]:
 
 
 def _print_help(topic: Optional[str]) -> int:
-    from shardtune.utils.config_help import format_help
+    from shardtune.configs.help import format_help
 
     try:
         text = format_help(topic)
@@ -339,8 +324,7 @@ def cli(argv=None) -> int:
         warn(f"--{name} is given {names.count(name)} times; the last value is used")
     import fire
 
-    from shardtune.model_checkpointing.export import SaveError
-    from shardtune.utils.train_utils import TrainingDiverged
+    from shardtune.errors import SaveError, TrainingDiverged
 
     try:
         fire.Fire(_run_without_result, command=argv, name="finetuning.py")
@@ -348,7 +332,7 @@ def cli(argv=None) -> int:
         if distributed.is_main():
             _say(str(stop))
         distributed.cleanup()
-        return PREEMPTED_EXIT_CODE
+        return EXIT_PREEMPTED
     except ConfigError as exc:
         if _wants_debug(argv):
             traceback.print_exc()

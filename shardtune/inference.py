@@ -19,15 +19,15 @@ from typing import List, Optional
 
 import torch
 
-from shardtune.utils.config_utils import ConfigError
+from shardtune.errors import ConfigError
 
 
 def load_for_inference(model_name: str, peft_model: Optional[str] = None, device: Optional[torch.device] = None):
     """(model, tokenizer) ready for ``generate``: the base (or converted) model plus optional adapters, built
-    by the same ``build_model`` as training (utils/model_builder.py)."""
-    from shardtune.utils.config_utils import RunConfigs
-    from shardtune.utils.model_builder import WeightSource, build_model
-    from shardtune.utils.model_utils import ModelSource, load_model_config, load_tokenizer
+    by the same ``build_model`` as training (models/builder.py)."""
+    from shardtune.configs.run import RunConfigs
+    from shardtune.models.builder import WeightSource, build_model
+    from shardtune.models.loading import ModelSource, load_model_config, load_tokenizer
 
     device = device or (torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
     load_model_config(ModelSource.parse(model_name))  # one-line error for a wrong path or a model that is no LM

@@ -37,8 +37,8 @@ def test_layers_kept_gathered_fill_the_room_checkpointing_leaves():
 def _llama_1b_on_meta():
     from transformers import AutoModelForCausalLM, LlamaConfig
 
+    from shardtune.models.loss import CausalLMWithLoss
     from shardtune.policies.wrapping import fsdp_units
-    from shardtune.utils.loss import CausalLMWithLoss
 
     config = LlamaConfig(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                          num_key_value_heads=8, head_dim=64, vocab_size=128256, tie_word_embeddings=True)
@@ -90,8 +90,9 @@ def test_off_cuda_there_is_no_budget():
 def test_auto_choice_in_a_real_run(tiny_llama_dir, tmp_path, capsys, monkeypatch, budget, expected):
     """A real single-process run with the GPU's budget faked: an ample budget checkpoints no layer, an
     impossible one every layer and says the estimate is over; the losses are those of every layer checkpointed."""
-    from shardtune.finetuning import main
     from test_fsdp_support import step_losses
+
+    from shardtune.finetuning import main
 
     common = dict(model_name=str(tiny_llama_dir), max_train_step=2, save_model=False, context_length=128,
                   num_epochs=1, save_metrics=True)  # validation on and the CPU's precision, as users get them
@@ -116,8 +117,9 @@ def _agreed(rank: int, world: int) -> dict:
 def test_ranks_agree_on_the_smallest_budget(tmp_path):
     """The budget (and the stop signal) is one value for all ranks: 2 gloo ranks holding 10 and 11 both get 10 as
     the minimum (and 11 as the maximum); one process keeps its own value."""
-    from shardtune.utils.distributed import agree
     from test_fsdp_support import run_fn_ranks
+
+    from shardtune.utils.distributed import agree
 
     assert run_fn_ranks(_agreed, 2, tmp_path) == [{"min": 10, "max": 11}] * 2
     assert agree(7, torch.device("cpu"), op="min") == 7

@@ -15,7 +15,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from fresh_cli import FreshCli
 
 REPO = Path(__file__).resolve().parent.parent

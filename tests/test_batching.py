@@ -6,12 +6,12 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from test_fsdp_support import step_losses as _step_losses
 
 from shardtune.data.collate import PaddingCollator
 from shardtune.data.loader import build_dataloader
 from shardtune.data.sampler import LengthBasedBatchSampler, RandomBatchSampler
-from shardtune.utils.loss import IGNORE_INDEX
-from test_fsdp_support import step_losses as _step_losses
+from shardtune.models.loss import IGNORE_INDEX
 
 PAD = 0
 
@@ -152,7 +152,7 @@ def test_eval_loss_over_ranks_with_fillers_equals_one_process(strategy, tiny_lla
     """Summing loss and tokens over 1, 2 or 4 simulated ranks (fillers included) gives one eval loss."""
     from transformers import AutoModelForCausalLM
 
-    from shardtune.utils.loss import CausalLMWithLoss
+    from shardtune.models.loss import CausalLMWithLoss
 
     model = CausalLMWithLoss(AutoModelForCausalLM.from_pretrained(tiny_llama_dir)).eval()
     data = [{"input_ids": [1] + s["input_ids"], "labels": [IGNORE_INDEX] + s["labels"]} for s in _samples(11)]

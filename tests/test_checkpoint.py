@@ -7,7 +7,6 @@ import math
 
 import pytest
 import torch
-
 from test_fsdp_support import base_kwargs, run_ranks
 
 IDS = torch.tensor([[1, 17, 42, 99, 7, 300, 5, 64]])
@@ -48,8 +47,8 @@ def test_sharded_checkpoints_layout_and_pruning(tiny_llama_dir, tmp_path):
 
 
 def test_prune_keeps_the_best_checkpoint(tmp_path):
+    from shardtune.configs.parse import parse_cli
     from shardtune.model_checkpointing.checkpoint import BEST_FILE, STATE_FILE, Checkpointer, list_checkpoints
-    from shardtune.utils.config_utils import parse_cli
 
     run = parse_cli({"model_name": "unused", "output_dir": str(tmp_path), "keep_last_n_checkpoints": 2})
     ckpt = Checkpointer.__new__(Checkpointer)

@@ -13,8 +13,10 @@ from conftest import HANG_TIMEOUT_S
 
 from shardtune import configs as C
 from shardtune.configs import ShardingStrategy, StateDictType
+from shardtune.configs.parse import parse_cli
+from shardtune.configs.run import RunConfigs
+from shardtune.errors import ConfigError
 from shardtune.finetuning import cli
-from shardtune.utils.config_utils import ConfigError, RunConfigs, parse_cli
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -96,7 +98,7 @@ def test_real_entry_point_prints_no_traceback(tmp_path):
 
 
 def test_help_is_a_short_usage_then_one_aligned_row_per_field(capsys):
-    from shardtune.utils.config_help import USAGE, format_help
+    from shardtune.configs.help import USAGE, format_help
 
     assert cli(["--help"]) == 0
     text = capsys.readouterr().out
@@ -145,7 +147,7 @@ def test_config_file_and_command_line_override(tmp_path):
 
 
 def test_resolved_config_round_trips(tmp_path):
-    from shardtune.utils.config_utils import save_resolved
+    from shardtune.configs.parse import save_resolved
 
     run = parse_cli({"model_name": "m", "lr": 5e-5, "enable_fsdp": True,
                      "fsdp_config.sharding_strategy": "SHARD_GRAD_OP",
@@ -180,7 +182,7 @@ def test_retired_reference_fields_warn_or_are_refused(capsys):
 
 
 def test_changed_settings_are_those_off_their_defaults():
-    from shardtune.utils.config_help import changed_settings, format_changed_settings
+    from shardtune.configs.help import changed_settings, format_changed_settings
 
     run = parse_cli({"model_name": "some/model", "lr": 2e-4, "use_peft": True, "lora_config.r": 4,
                      "dataset": "chat_dataset", "chat_dataset.data_path": "x.jsonl"})

@@ -16,8 +16,8 @@ import pytest
 
 from shardtune import configs as C
 from shardtune.datasets import DATASET_PREPROC, Builder, get_custom_data_collator, get_preprocessed_dataset
-from shardtune.utils.config_utils import ConfigError
-from shardtune.utils.loss import IGNORE_INDEX
+from shardtune.errors import ConfigError
+from shardtune.models.loss import IGNORE_INDEX
 
 # The reference's templates, written out here rather than imported, so that a change to them fails a test.
 ALPACA_INPUT = ("Below is an instruction that describes a task, paired with an input that provides further context. "

@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from test_fsdp_support import base_kwargs, run_fn_ranks, run_ranks, step_losses
 
 REPO = Path(__file__).resolve().parent.parent
@@ -128,7 +127,7 @@ def test_sigterm_checkpoints_and_resume_is_exact(world, tiny_llama_dir, tmp_path
 
 def _agree(rank: int, world: int):
     """Only rank 1 is signalled; both ranks must agree to stop, and only when asked."""
-    from shardtune.utils.preemption import StopRequest
+    from shardtune.training.preemption import StopRequest
 
     with StopRequest() as stop:
         before = stop.agreed_signal()

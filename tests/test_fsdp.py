@@ -9,10 +9,11 @@ import re
 
 import pytest
 import torch
-
-from shardtune.utils.config_utils import ConfigError, parse_cli
-from shardtune.utils.distributed import DistInfo
 from test_fsdp_support import base_kwargs, run_ranks, step_losses
+
+from shardtune.configs.parse import parse_cli
+from shardtune.errors import ConfigError
+from shardtune.utils.distributed import DistInfo
 
 STRATEGIES = {
     "FULL_SHARD": {},
@@ -31,7 +32,7 @@ def _cfg(**flags):
 
 
 def test_mesh_plans_for_every_strategy():
-    from shardtune.utils.fsdp_utils import plan_mesh
+    from shardtune.policies.fsdp import plan_mesh
 
     assert plan_mesh(_cfg(), 4).shape == (4,)
     assert plan_mesh(_cfg(), 4).reshard_after_forward is True
@@ -48,7 +49,7 @@ def test_mesh_plans_for_every_strategy():
 
 
 def test_bad_mesh_sizes_are_one_line_config_errors():
-    from shardtune.utils.fsdp_utils import check_fsdp_config, plan_mesh
+    from shardtune.policies.fsdp import check_fsdp_config, plan_mesh
 
     hsdp = _cfg(**{"fsdp_config.sharding_strategy": "HYBRID_SHARD", "hsdp": True, "sharding_group_size": 3,
                    "replica_group_size": 1})
@@ -104,9 +105,9 @@ def _where_parameters_live(rank: int, world: int, model_dir: str) -> dict:
     from torch.distributed.tensor import DTensor
     from transformers import AutoModelForCausalLM
 
-    from shardtune.utils.fsdp_utils import shard_model
-    from shardtune.utils.loss import CausalLMWithLoss
-    from shardtune.utils.model_utils import decoder_layers
+    from shardtune.models.loading import decoder_layers
+    from shardtune.models.loss import CausalLMWithLoss
+    from shardtune.policies.fsdp import shard_model
 
     def held(params) -> int:  # elements this rank stores: its shard of a DTensor, all of a gathered tensor
         return sum(p.to_local().numel() if isinstance(p, DTensor) else p.numel() for p in params)
@@ -237,9 +238,9 @@ def test_activation_checkpointing_is_exact(tiny_llama_dir, tmp_path):
 def test_activation_checkpointing_wraps_each_layer_once(tiny_llama_dir):
     from transformers import AutoModelForCausalLM
 
+    from shardtune.models.loading import decoder_layers
+    from shardtune.models.loss import CausalLMWithLoss
     from shardtune.policies.activation_checkpointing import apply_activation_checkpointing, is_checkpointed
-    from shardtune.utils.loss import CausalLMWithLoss
-    from shardtune.utils.model_utils import decoder_layers
 
     model = CausalLMWithLoss(AutoModelForCausalLM.from_pretrained(tiny_llama_dir))
     keys = set(model.state_dict())
@@ -370,14 +371,14 @@ def _pure_bf16_from_an_fp32_checkpoint(rank: int, world: int, model_dir: str) ->
     unit is cast while it is placed, no host-wide cast first."""
     from transformers import AutoModelForCausalLM
 
-    from shardtune.utils import precision
-    from shardtune.utils.fsdp_utils import shard_model
-    from shardtune.utils.loss import CausalLMWithLoss
+    from shardtune.models.loss import CausalLMWithLoss
+    from shardtune.policies import mixed_precision
+    from shardtune.policies.fsdp import shard_model
 
     def no_host_wide_cast(model, mode):
         raise AssertionError("the whole model was cast on the host before placement")
 
-    precision.cast_parameters = no_host_wide_cast  # this forked rank only
+    mixed_precision.cast_parameters = no_host_wide_cast  # this forked rank only
     run = parse_cli({"model_name": model_dir, "enable_fsdp": True, "fsdp_config.pure_bf16": True})
     model = CausalLMWithLoss(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32))
     shard_model(model, run, DistInfo(rank, rank, world, torch.device("cpu")), "bf16_pure")

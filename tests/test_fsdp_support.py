@@ -83,8 +83,8 @@ def warm_imports() -> None:
 
     import shardtune.finetuning  # noqa: F401
     import shardtune.model_checkpointing.checkpoint  # noqa: F401
-    import shardtune.utils.fsdp_utils  # noqa: F401
-    import shardtune.utils.train_utils  # noqa: F401
+    import shardtune.policies.fsdp  # noqa: F401
+    import shardtune.training.loop  # noqa: F401
     _WARM = True
 
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from shardtune.data.collate import PaddingCollator
-from shardtune.utils.loss import IGNORE_INDEX, CausalLMWithLoss, linear_cross_entropy_sum
+from shardtune.models.loss import IGNORE_INDEX, CausalLMWithLoss, linear_cross_entropy_sum
 
 REPO_FIXTURES = __import__("pathlib").Path(__file__).resolve().parent / "fixtures"
 

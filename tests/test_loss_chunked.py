@@ -1,4 +1,4 @@
-"""Chunked linear cross-entropy (utils/loss.py) against F.cross_entropy on full logits: values and gradients."""
+"""Chunked linear cross-entropy (models/loss.py) against F.cross_entropy on full logits: values and gradients."""
 from __future__ import annotations
 
 import pytest
@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from shardtune.utils.loss import IGNORE_INDEX, chunked_linear_cross_entropy_sum, linear_cross_entropy_sum
+from shardtune.models.loss import IGNORE_INDEX, chunked_linear_cross_entropy_sum, linear_cross_entropy_sum
 
 
 def _reference(hidden, weight, targets):

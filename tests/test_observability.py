@@ -8,8 +8,6 @@ loss skips the others); the test allows 1%.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 import pytest
@@ -97,7 +95,7 @@ def test_peak_table_and_mfu():
 # ---------------------------------------------------------------------------------------------
 def test_flop_counter_matches_analytic_formula_eager_gqa(tiny_llama_dir):
     """Full fine-tuning, eager attention, GQA tiny Llama: counted == analytic within FLOP_TOLERANCE."""
-    from shardtune.utils.loss import CausalLMWithLoss
+    from shardtune.models.loss import CausalLMWithLoss
 
     model = CausalLMWithLoss(_load_lm(tiny_llama_dir, "eager"))
     ids = torch.randint(3, 200, (2, 64))
@@ -115,8 +113,8 @@ def test_flop_counter_counts_gqa_sdpa_attention(tiny_llama_dir):
     Fused kernels recompute QK^T in the backward, so attention counts 14 where the analytic count has 12."""
     import torch.nn.functional as F
 
+    from shardtune.models.loss import CausalLMWithLoss
     from shardtune.observability.flops import flop_counter_mode, sdpa_flop_formulas
-    from shardtune.utils.loss import CausalLMWithLoss
 
     b, hq, hkv, s, d = 2, 8, 2, 16, 32
     q = torch.randn(b, hq, s, d, requires_grad=True)
@@ -145,7 +143,7 @@ def test_lora_counts_frozen_weights_at_4n(tiny_llama_dir):
     frozen projections also skip the input gradient (their input, the frozen embedding, needs none)."""
     from peft import LoraConfig, get_peft_model
 
-    from shardtune.utils.loss import CausalLMWithLoss
+    from shardtune.models.loss import CausalLMWithLoss
 
     lm = _load_lm(tiny_llama_dir, "eager")
     full = sum(m.in_features * m.out_features for m in lm.modules() if isinstance(m, torch.nn.Linear))
@@ -347,9 +345,9 @@ def test_profiler_trace_and_wandb_offline(tiny_llama_dir, tmp_path, monkeypatch)
 def test_missing_tracking_extra_fails_before_model_load(monkeypatch, tmp_path):
     import importlib.util
 
+    from shardtune.errors import ConfigError
     from shardtune.finetuning import main
     from shardtune.observability import trackers
-    from shardtune.utils.config_utils import ConfigError
 
     real = importlib.util.find_spec
     monkeypatch.setattr(trackers.importlib.util, "find_spec",
@@ -395,8 +393,8 @@ def test_two_ranks_flop_counter_on_sharded_model(tiny_llama_dir, tmp_path):
     assert fc[0]["measured_flops"] == fc[1]["measured_flops"] > 0 and fc[0]["step"] == 2 and fc[0]["timed_step"] == 3
     # per GPU: the analytic count of one rank's batch (2 x 128 tokens); SDPA recompute and the output layer at
     # supervised positions only keep measured within 10% of it
+    from shardtune.models.loss import CausalLMWithLoss
     from shardtune.observability.flops import count_model_flops
-    from shardtune.utils.loss import CausalLMWithLoss
 
     single = count_model_flops(CausalLMWithLoss(_load_lm(tiny_llama_dir, "sdpa")))
     assert fc[0]["analytic_flops"] == pytest.approx(single.batch((2, 128)))

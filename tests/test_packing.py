@@ -8,7 +8,7 @@ import torch
 
 from shardtune.data.collate import packed_collator
 from shardtune.data.packing import pack_dataset, plan_blocks
-from shardtune.utils.loss import IGNORE_INDEX
+from shardtune.models.loss import IGNORE_INDEX
 
 
 def _doc(n: int, start: int, prompt: int = 2) -> dict:
@@ -68,7 +68,7 @@ def test_document_loss_in_a_packed_block_equals_its_loss_alone(attn, tiny_llama_
     """Through the training forward (CausalLMWithLoss), fp32: each document's mean loss matches within 1e-4."""
     from transformers import AutoModelForCausalLM
 
-    from shardtune.utils.loss import CausalLMWithLoss
+    from shardtune.models.loss import CausalLMWithLoss
 
     model = CausalLMWithLoss(AutoModelForCausalLM.from_pretrained(tiny_llama_dir, attn_implementation=attn,
                                                                   dtype=torch.float32)).eval()

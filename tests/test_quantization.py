@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from shardtune.policies.quantization import check_quantization, is_quantized
-from shardtune.utils.config_utils import ConfigError, parse_cli, resolve_compile
-from shardtune.utils.precision import frozen_dtype
+from shardtune.configs.parse import parse_cli, resolve_compile
+from shardtune.configs.precision import frozen_dtype
+from shardtune.errors import ConfigError
+from shardtune.models.quantization import check_quantization, is_quantized
 
 
 def _run(**kw):
@@ -47,8 +48,8 @@ def test_quantized_parameters_are_never_cast():
     """UnitPlacer and the pure-bf16 cast leave bitsandbytes weights alone (their dtype is a storage view of packed
     bytes); every other parameter gets its dtype. Params4bit is recognised by class name, since bitsandbytes is an
     optional extra: the subclass below stands in for it (same name, a plain Parameter otherwise)."""
-    from shardtune.utils.fsdp_utils import UnitPlacer
-    from shardtune.utils.precision import cast_parameters
+    from shardtune.policies.fsdp import UnitPlacer
+    from shardtune.policies.mixed_precision import cast_parameters
 
     class Params4bit(torch.nn.Parameter):
         pass

@@ -6,11 +6,10 @@ import json
 from pathlib import Path
 
 import pytest
-
-from shardtune.utils.config_utils import ConfigError, parse_cli
 from test_fsdp_support import base_kwargs, run_ranks, step_losses
 
-
+from shardtune.configs.parse import parse_cli
+from shardtune.errors import ConfigError
 from shardtune.observability.metrics import read_metrics as _records
 
 

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import HANG_TIMEOUT_S
 from test_fsdp_support import base_kwargs, run_ranks
 
@@ -49,9 +48,9 @@ def _logits_from_sharded_checkpoint(model_dir, out, method=None) -> torch.Tensor
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
 
-    from shardtune.utils.config_utils import parse_cli
-    from shardtune.utils.loss import CausalLMWithLoss
-    from shardtune.utils.peft_utils import apply_peft
+    from shardtune.configs.parse import parse_cli
+    from shardtune.models.loss import CausalLMWithLoss
+    from shardtune.models.peft import apply_peft
 
     ckpt = out / "checkpoints" / "fine-tuned" / "step_000003"
     lm = _base(model_dir)
@@ -131,7 +130,8 @@ def _lora(model_dir):
 
 
 def test_adapter_export_refuses_an_incomplete_adapter_and_keeps_the_previous_one(tiny_llama_dir, tmp_path):
-    from shardtune.model_checkpointing.export import SaveError, export_adapter
+    from shardtune.errors import SaveError
+    from shardtune.model_checkpointing.export import export_adapter
 
     peft_model = _lora(tiny_llama_dir)
     trainable = {n: p.detach().clone() for n, p in peft_model.named_parameters() if p.requires_grad}
@@ -151,8 +151,8 @@ def test_adapter_export_sees_through_module_wrappers(tiny_llama_dir, tmp_path):
     from safetensors.torch import load_file
 
     from shardtune.model_checkpointing.export import canonical_name, export_adapter
+    from shardtune.models.loading import decoder_layers
     from shardtune.policies.activation_checkpointing import apply_activation_checkpointing
-    from shardtune.utils.model_utils import decoder_layers
 
     peft_model = _lora(tiny_llama_dir)
     expected = _logits(peft_model)
@@ -167,7 +167,8 @@ def test_adapter_export_sees_through_module_wrappers(tiny_llama_dir, tmp_path):
 
 
 def test_model_folder_check_names_missing_tensors(tiny_llama_dir, tmp_path):
-    from shardtune.model_checkpointing.export import SaveError, check_model_folder
+    from shardtune.errors import SaveError
+    from shardtune.model_checkpointing.export import check_model_folder
 
     sd = _base(tiny_llama_dir).state_dict()
     check_model_folder(tiny_llama_dir, sd)  # the real folder holds everything
@@ -261,8 +262,8 @@ def test_divergence_stops_the_run_without_saving(tiny_llama_dir, tmp_path):
     for r in results:
         assert r["error"].startswith("TrainingDiverged: training diverged at step ") and "not finite" in r["error"]
     assert not (tmp_path / "out" / "model").exists()
-    from safetensors import safe_open  # noqa: F401 - every checkpoint written is finite
     import torch.distributed.checkpoint as dcp
+    from safetensors import safe_open  # noqa: F401 - every checkpoint written is finite
 
     for ckpt in (tmp_path / "out" / "checkpoints" / "fine-tuned").glob("step_*"):
         md = dcp.FileSystemReader(str(ckpt)).read_metadata().state_dict_metadata

@@ -9,8 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from shardtune.utils.config_utils import ConfigError, parse_cli, resolve_compile
-from shardtune.utils.model_utils import pick_attention
+from shardtune.configs.parse import parse_cli, resolve_compile
+from shardtune.errors import ConfigError
+from shardtune.models.loading import pick_attention
 
 CUDA, CPU = torch.device("cuda"), torch.device("cpu")  # pick_attention only looks at the device type
 
@@ -68,7 +69,7 @@ def test_allocator_setting_respects_the_user(monkeypatch):
 
 
 def test_unit_placer_keeps_trainable_masters_and_stores_frozen_weights_in_the_compute_dtype():
-    from shardtune.utils.fsdp_utils import UnitPlacer
+    from shardtune.policies.fsdp import UnitPlacer
 
     model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4)).to(torch.bfloat16)  # as read from a bf16 checkpoint
     model[0].requires_grad_(False)
@@ -99,10 +100,10 @@ def test_unit_placer_gives_back_the_host_pages_of_the_weights_it_replaced(tmp_pa
     """from_pretrained leaves the weights in views of the mapped safetensors file, and a file's pages stay
     resident until its last tensor is freed: before the fix, every unit already placed (moved to the GPU, or
     cast as here) stayed in host RSS while its file still held an unplaced weight (8.3 GB per rank at 8B)."""
+    from conftest import save_llama
     from transformers import AutoModelForCausalLM
 
-    from conftest import save_llama
-    from shardtune.utils.fsdp_utils import UnitPlacer, release_host_pages
+    from shardtune.policies.fsdp import UnitPlacer, release_host_pages
 
     d = save_llama(tmp_path / "m", hidden_size=512, intermediate_size=2048, num_attention_heads=8,
                    num_key_value_heads=8)  # fp32, one file; a decoder layer is 16.8 MB

@@ -3,16 +3,15 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_fsdp_support import step_losses as _step_losses
 
 from shardtune.finetuning import main
 from shardtune.observability.metrics import read_metrics
-from test_fsdp_support import step_losses as _step_losses
 
 QUICK = dict(context_length=128, run_validation=False, num_epochs=1, save_metrics=True, precision="fp32")
 
@@ -40,7 +39,7 @@ def _eval_loss(model, tokenizer, peft_method: str = "") -> float:
     from shardtune.configs import alpaca_dataset, train_config
     from shardtune.data.loader import build_dataloader
     from shardtune.datasets import get_preprocessed_dataset
-    from shardtune.utils.loss import CausalLMWithLoss
+    from shardtune.models.loss import CausalLMWithLoss
 
     t = train_config(context_length=128, val_batch_size=1, batching_strategy="packing", num_workers_dataloader=0,
                      use_peft=bool(peft_method), peft_method=peft_method or "lora")
@@ -137,7 +136,7 @@ def test_second_architecture_gpt2(tiny_gpt2_dir, tmp_path):
     assert _eval_loss(adapter, tok, "lora") == pytest.approx(lora["eval_loss"], abs=1e-5)
     assert lora["eval_loss"] < before
 
-    from shardtune.utils.config_utils import ConfigError
+    from shardtune.errors import ConfigError
 
     with pytest.raises(ConfigError, match="q_proj, v_proj not in this model; its linear layers are"):
         main(model_name=str(tiny_gpt2_dir), use_peft=True, max_train_step=1, output_dir=str(tmp_path / "x"), **QUICK)
@@ -160,7 +159,7 @@ def test_pad_token_rule(tiny_llama_dir, tmp_path):
     """eos becomes the pad token only when the tokenizer has none; pad id 0 is kept (checked for None)."""
     from transformers import AutoTokenizer
 
-    from shardtune.utils.model_utils import load_tokenizer
+    from shardtune.models.loading import load_tokenizer
 
     tok = load_tokenizer(str(tiny_llama_dir))
     assert tok.pad_token_id == 0 and tok.pad_token == "<pad>"
@@ -206,7 +205,7 @@ def test_pick_attention_for_each_device_and_package(monkeypatch):
     (The GPU itself cannot exist here: the device is only a torch.device, and find_spec is faked.)"""
     import importlib.util
 
-    from shardtune.utils import model_utils
+    from shardtune.models import loading as model_utils
 
     cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
     real_find_spec = importlib.util.find_spec
@@ -222,7 +221,7 @@ def test_pick_attention_for_each_device_and_package(monkeypatch):
 def test_use_fast_kernels_trains_like_eager_attention(tiny_llama_dir, tmp_path, capsys, monkeypatch):
     """On CPU --use_fast_kernels loads the model with SDPA; its steps equal those of the same run with eager
     attention (plain matmul + softmax), so the faster kernel computes the same training."""
-    from shardtune.utils import model_utils
+    from shardtune.models import loading as model_utils
 
     loaded = []
     real_load = model_utils.load_model

@@ -1,7 +1,6 @@
 """The run's typed configuration: one dataclass per config (train, fsdp, PEFT methods, data sets, wandb,
 quantization); each field's default, type, valid range and help text are the command line's schema."""
-from shardtune.configs.datasets import (alpaca_dataset, chat_dataset, custom_dataset, grammar_dataset,
-                                        samsum_dataset)
+from shardtune.configs.datasets import alpaca_dataset, chat_dataset, custom_dataset, grammar_dataset, samsum_dataset
 from shardtune.configs.fsdp import ShardingStrategy, StateDictType, fsdp_config
 from shardtune.configs.peft import llama_adapter_config, lora_config, prefix_config
 from shardtune.configs.quantization import quantization_config

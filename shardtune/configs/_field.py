@@ -6,6 +6,10 @@
 from dataclasses import field as _dc_field
 from typing import Any
 
+# The words a boolean flag accepts (--use_peft True, --use_peft no, ...).
+TRUE_WORDS = {"true", "1", "yes", "y", "on"}
+FALSE_WORDS = {"false", "0", "no", "n", "off"}
+
 
 def doc(default: Any, help: str, *, factory: bool = False, deprecated: str = "", unsupported: str = "",
         valid: str = ""):

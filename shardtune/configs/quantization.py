@@ -1,5 +1,5 @@
 """quantization_config: bitsandbytes settings used when train_config.quantization is set (QLoRA;
-policies/quantization.py says what a quantized run changes)."""
+models/quantization.py says what a quantized run changes)."""
 from dataclasses import dataclass
 
 import torch
@@ -32,3 +32,14 @@ class quantization_config:
         if quantization == "8bit":
             return BitsAndBytesConfig(load_in_8bit=True)
         raise ValueError(f"--quantization must be '4bit' or '8bit', got {quantization!r}")
+
+
+# Dtypes a 4-bit layer may store its packed weights in (--quantization_config.quant_storage).
+QUANT_STORAGE = (torch.bfloat16, torch.float16, torch.float32, torch.uint8)
+COMPUTE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+PEFT_METHODS = ("lora",)  # the adapters tested on quantized weights (tests/gpu/test_quantization.py)
+
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")

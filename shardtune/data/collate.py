@@ -6,7 +6,7 @@ from typing import Dict, List
 
 import torch
 
-from shardtune.utils.loss import IGNORE_INDEX
+from shardtune.models.loss import IGNORE_INDEX
 
 
 class PaddingCollator:

@@ -15,9 +15,9 @@ from torch.utils.data import DataLoader, Dataset
 from shardtune.data.collate import PaddingCollator, packed_collator
 from shardtune.data.packing import pack_dataset
 from shardtune.data.sampler import LengthBasedBatchSampler, RandomBatchSampler
-from shardtune.observability.logging import log, warn
-from shardtune.utils.loss import IGNORE_INDEX
-from shardtune.utils.preemption import ignore_stop_signals
+from shardtune.models.loss import IGNORE_INDEX
+from shardtune.utils.logging import log, warn
+from shardtune.utils.signals import ignore_stop_signals
 
 
 class WithFillers(Dataset):
@@ -97,7 +97,7 @@ def build_dataloader(samples, tokenizer, train_cfg, *, train: bool, rank: int = 
 def check_batch_fits(loader: DataLoader, batch_size: int, world_size: int) -> None:
     """One optimizer step needs batch_size samples (or packed blocks) on every rank: a larger batch than the
     data set would only repeat fillers and waste memory."""
-    from shardtune.utils.config_utils import ConfigError
+    from shardtune.errors import ConfigError
 
     units = loader.batch_sampler.num_samples
     what = "packed blocks" if isinstance(loader.batch_sampler, RandomBatchSampler) else "samples"

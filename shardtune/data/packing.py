@@ -24,7 +24,7 @@ from typing import Dict, List, Sequence
 from torch.utils.data import Dataset
 
 from shardtune.data.sampler import sample_lengths
-from shardtune.utils.loss import IGNORE_INDEX
+from shardtune.models.loss import IGNORE_INDEX
 
 
 def plan_blocks(lengths: Sequence[int], block_size: int) -> List[List[int]]:

@@ -16,9 +16,9 @@ import numpy as np
 from shardtune.datasets import alpaca_dataset, chat_dataset, custom_dataset, grammar_dataset, samsum_dataset
 from shardtune.datasets.cache import cached_tokenized
 from shardtune.datasets.common import target_start, tokenize_prompt_and_target
-from shardtune.observability.logging import log, warn
+from shardtune.errors import ConfigError
 from shardtune.utils import distributed
-from shardtune.utils.config_utils import ConfigError
+from shardtune.utils.logging import log, warn
 
 
 @dataclass(frozen=True)

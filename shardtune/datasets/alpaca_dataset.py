@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import List
 
 from shardtune.datasets.common import drop_empty, read_json_records, require_file, split_records
-from shardtune.utils.config_utils import ConfigError
+from shardtune.errors import ConfigError
 
 PROMPT_WITH_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "

@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Callable, List, Optional
 
 from shardtune.datasets.common import target_start
-from shardtune.observability.logging import log
+from shardtune.errors import ConfigError
 from shardtune.utils import distributed
-from shardtune.utils.config_utils import ConfigError
+from shardtune.utils.logging import log
 
 CACHE_VERSION = 1  # bump whenever tokenisation code changes the tokens it produces
 

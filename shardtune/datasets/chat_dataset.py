@@ -16,11 +16,10 @@ from __future__ import annotations
 
 from typing import Dict, List, Tuple
 
-from shardtune.datasets.common import (TRAIN_SPLITS, VAL_SPLITS, read_json_records, require_file,
-                                       split_records)
-from shardtune.observability.logging import warn
-from shardtune.utils.config_utils import ConfigError
-from shardtune.utils.loss import IGNORE_INDEX
+from shardtune.datasets.common import TRAIN_SPLITS, VAL_SPLITS, read_json_records, require_file, split_records
+from shardtune.errors import ConfigError
+from shardtune.models.loss import IGNORE_INDEX
+from shardtune.utils.logging import warn
 
 # Used when the tokenizer has no chat template (the same format as the bundled tiny model's).
 DEFAULT_CHAT_TEMPLATE = (

@@ -11,9 +11,9 @@ import random
 from pathlib import Path
 from typing import Dict, List, Sequence
 
-from shardtune.observability.logging import warn
-from shardtune.utils.config_utils import ConfigError
-from shardtune.utils.loss import IGNORE_INDEX
+from shardtune.errors import ConfigError
+from shardtune.models.loss import IGNORE_INDEX
+from shardtune.utils.logging import warn
 
 VAL_FRACTION = 0.05
 SPLIT_SEED = 42

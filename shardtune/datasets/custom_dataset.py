@@ -23,7 +23,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Dict, Optional, Tuple
 
-from shardtune.utils.config_utils import ConfigError
+from shardtune.errors import ConfigError
 
 FLAG = "--custom_dataset.file"
 DEFAULT_FUNCTION = "get_custom_dataset"

@@ -11,7 +11,7 @@ import io
 from typing import List
 
 from shardtune.datasets.common import drop_empty, read_text, require_file
-from shardtune.utils.config_utils import ConfigError
+from shardtune.errors import ConfigError
 
 PROMPT = "Correct this to standard English: {input}\n---\nCorrected: "
 SOURCE = ("a CSV with input,target columns, e.g. {name} written by llama-recipes' grammar_dataset_process.ipynb "

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import List
 
 from shardtune.datasets.common import drop_empty, file_not_found, read_json_records
-from shardtune.utils.config_utils import ConfigError, first_line
+from shardtune.errors import ConfigError, first_line
 
 PROMPT = "Summarize this dialog:\n{dialog}\n---\nSummary:\n"
 FLAG = "--samsum_dataset.data_path"

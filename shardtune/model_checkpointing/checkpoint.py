@@ -42,14 +42,14 @@ import torch
 from torch import nn
 
 from shardtune.configs.fsdp import StateDictType
+from shardtune.configs.run import RunConfigs
+from shardtune.errors import ConfigError, SaveError, first_line
 from shardtune.model_checkpointing import integrity
-from shardtune.model_checkpointing.export import (SaveError, canonical_name, export_pretrained, is_peft_model,
-                                                  read_export_info)
-from shardtune.observability.logging import log, warn
+from shardtune.model_checkpointing.export import canonical_name, export_pretrained, is_peft_model, read_export_info
 from shardtune.utils import distributed
-from shardtune.utils.config_utils import ConfigError, RunConfigs, first_line
 from shardtune.utils.distributed import DistInfo
 from shardtune.utils.io import TMP_MARKER, atomic_write_text, replace_directory
+from shardtune.utils.logging import log, warn
 from shardtune.utils.rng import rng_state, set_rng_state
 
 STATE_FILE = "state.json"
@@ -273,13 +273,14 @@ class Checkpointer:
         self._saved: dict = {}  # step -> folder written by this run
 
     # ---- the train loop's hook -------------------------------------------------------------
-    def __call__(self, state, reason: str) -> None:
-        """TrainContext.save_checkpoint: reason 'step' (every --save_every_n_steps), 'epoch' or 'best'."""
+    def __call__(self, state, reason: str) -> Path:
+        """TrainContext.save_checkpoint: reason 'step' (every --save_every_n_steps), 'epoch' or 'best'. Returns the
+        checkpoint folder."""
         t = self.run.train
         if reason == "step":
-            self.save(state)
+            path = self.save(state)
             self.prune()
-            return
+            return path
         # End of an epoch (or of the run). The weights to export are checkpointed first, marked as such,
         # so that a run killed during the export finishes it when resumed. A checkpoint of this very step
         # taken mid-loop holds the same weights, optimizer and RNG (evaluation leaves the RNG as it was):
@@ -295,6 +296,7 @@ class Checkpointer:
         self.prune()
         if export_due:
             self.export(Path(t.output_dir) / "model", state.step)
+        return path
 
     # ---- saving -----------------------------------------------------------------------------
     def save(self, state, export_due: bool = False) -> Path:
@@ -322,7 +324,7 @@ class Checkpointer:
         integrity.write_manifest(tmp)
 
         def finish():
-            from shardtune.utils.config_utils import save_resolved
+            from shardtune.configs.parse import save_resolved
 
             save_resolved(self.run, tmp / "run_config.yaml")
             self._write_state(tmp, state, export_due, collective=False)  # last: marks it complete
@@ -437,7 +439,7 @@ class Checkpointer:
 
     def prune(self) -> None:
         """Keep exactly the newest --keep_last_n_checkpoints of this run, plus the best one. Rank 0."""
-        from shardtune.model_checkpointing.output_dir import remove_tree
+        from shardtune.utils.io import remove_tree
 
         keep_n = self.run.train.keep_last_n_checkpoints
 
@@ -458,7 +460,7 @@ class Checkpointer:
         or a function the training loop calls once it has created the epoch's data iterator (creating
         it draws a seed from the global RNG, as it did in the uninterrupted run before this checkpoint).
         """
-        from shardtune.utils.train_utils import TrainState
+        from shardtune.training.state import TrainState
 
         start = time.perf_counter()
         path = point.path
@@ -495,8 +497,7 @@ class Checkpointer:
 
     def _load_sharded(self, path: Path) -> None:
         import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
-                                                             set_state_dict)
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict, set_state_dict
 
         msd = self._model_state_for_saving(full=False)
         osd = get_optimizer_state_dict(self.model, self.optimizer, options=StateDictOptions())

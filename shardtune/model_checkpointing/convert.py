@@ -24,7 +24,7 @@ from typing import Optional
 
 import torch
 
-from shardtune.utils.config_utils import ConfigError
+from shardtune.errors import ConfigError
 
 
 def _resolve_checkpoint(path: Path) -> Path:
@@ -56,14 +56,15 @@ def convert(checkpoint: Path, output: Path, model_name: Optional[str] = None, dt
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
 
+    from shardtune.configs import precision as P
     from shardtune.configs.fsdp import StateDictType
+    from shardtune.configs.parse import parse_cli
     from shardtune.model_checkpointing.checkpoint import quiet_single_process, read_state
     from shardtune.model_checkpointing.export import export_pretrained
-    from shardtune.utils import precision as P
-    from shardtune.utils.config_utils import parse_cli
-    from shardtune.utils.loss import CausalLMWithLoss
-    from shardtune.utils.model_builder import WeightSource, build_model
-    from shardtune.utils.model_utils import ModelSource, load_model_config, load_tokenizer
+    from shardtune.models.builder import WeightSource, build_model
+    from shardtune.models.loading import ModelSource, load_model_config, load_tokenizer
+    from shardtune.models.loss import CausalLMWithLoss
+    from shardtune.policies.mixed_precision import cast_parameters
 
     checkpoint = _resolve_checkpoint(Path(checkpoint))
     info = read_state(checkpoint)
@@ -107,7 +108,7 @@ def convert(checkpoint: Path, output: Path, model_name: Optional[str] = None, dt
     lm = build_model(run, WeightSource(t.model_name, adapter), precision, torch.device("cpu"), tokenizer,
                      packing=False)
     model = CausalLMWithLoss(lm)
-    P.cast_parameters(model, precision)
+    cast_parameters(model, precision)
     # The checkpoint holds the weights that trained (frozen ones were not saved): read exactly those.
     stored = {k[len("model."):] for k in dcp.FileSystemReader(str(checkpoint)).read_metadata().state_dict_metadata
               if k.startswith("model.")}

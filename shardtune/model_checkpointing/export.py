@@ -22,6 +22,7 @@ from typing import Dict, Iterable, Optional
 
 import torch
 
+from shardtune.errors import SaveError
 from shardtune.utils.io import atomic_directory
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -29,10 +30,6 @@ EXPORT_INFO = "shardtune_export.json"  # which run and step an export holds (res
 
 # Segments that module wrappers insert into module names but not into state-dict keys.
 WRAPPER_SEGMENTS = ("_checkpoint_wrapped_module.", "_orig_mod.", "_fsdp_wrapped_module.")
-
-
-class SaveError(RuntimeError):
-    """A written model, adapter or checkpoint does not hold what was trained."""
 
 
 def canonical_name(name: str) -> str:

@@ -23,8 +23,7 @@ from typing import Optional
 
 import torch
 
-from shardtune.model_checkpointing.export import SaveError
-from shardtune.utils.config_utils import ConfigError
+from shardtune.errors import ConfigError, SaveError
 
 # Relative logit tolerance of the written model against base + adapter, per written dtype: one rounding of
 # every weight (bf16 keeps 8 mantissa bits).
@@ -52,11 +51,11 @@ def merge(adapter: Path, output: Path, model_name: Optional[str] = None, dtype: 
     """Write base + adapter, merged, to ``output`` in ``dtype``; returns ``output``."""
     from transformers import AutoModelForCausalLM
 
+    from shardtune.configs.run import RunConfigs
     from shardtune.model_checkpointing.convert import output_dtype
     from shardtune.model_checkpointing.export import export_model
-    from shardtune.utils.config_utils import RunConfigs
-    from shardtune.utils.model_builder import WeightSource, build_model
-    from shardtune.utils.model_utils import ModelSource, load_model_config, load_tokenizer
+    from shardtune.models.builder import WeightSource, build_model
+    from shardtune.models.loading import ModelSource, load_model_config, load_tokenizer
 
     out_dtype = output_dtype(dtype, torch.bfloat16)
     adapter, output = Path(adapter), Path(output)

@@ -16,16 +16,16 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import shutil
 import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from shardtune.observability.logging import log, warn
-from shardtune.utils.config_utils import ConfigError, RunConfigs
-from shardtune.utils.io import TMP_MARKER, atomic_write_text
+from shardtune.configs.run import RunConfigs
+from shardtune.errors import ConfigError
+from shardtune.utils.io import TMP_MARKER, atomic_write_text, remove_tree
+from shardtune.utils.logging import log
 
 RUN_FILE = "run.json"
 MODEL_DIR = "model"
@@ -114,33 +114,6 @@ def start_run(run: RunConfigs, run_dir: RunDir, run_id: str) -> None:
                 remove_tree(path)
     atomic_write_text(run_dir.path / RUN_FILE, json.dumps({"run_id": run_id, "started_at": time.strftime(
         "%Y-%m-%dT%H:%M:%S")}) + "\n")
-
-
-def remove_tree(path: Path) -> bool:
-    """Delete a folder (or file) so that no half-deleted copy can be mistaken for a whole one: it is renamed
-    to a temporary name first. Failures are reported, not hidden. Returns whether it is gone."""
-    path = Path(path)
-    if not path.exists():
-        return True
-    doomed = path
-    if not path.name.startswith(TMP_MARKER):
-        doomed = path.with_name(f"{TMP_MARKER}del-{uuid.uuid4().hex[:8]}-{path.name}")
-        try:
-            os.rename(path, doomed)
-        except OSError as exc:
-            warn(f"could not remove {path}: {exc.strerror}")
-            return False
-    errors = []
-    if doomed.is_dir():
-        shutil.rmtree(doomed, onerror=lambda fn, p, exc: errors.append(f"{p}: {exc[1]}"))
-    else:
-        try:
-            doomed.unlink()
-        except OSError as exc:
-            errors.append(f"{doomed}: {exc.strerror}")
-    if errors:
-        warn(f"could not fully remove {path} (now {doomed}): {errors[0]}")
-    return not errors
 
 
 def remove_leftovers(run: RunConfigs) -> None:

@@ -31,9 +31,9 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from shardtune.observability.logging import warn
 from shardtune.observability.metrics import StepObserver
 from shardtune.utils import distributed
+from shardtune.utils.logging import warn
 
 
 # ---------------------------------------------------------------------------------------------
@@ -275,7 +275,7 @@ class FlopCounter(StepObserver):
             unsupervised = record.get("input_tokens", 0) - record.get("tokens", 0)
             if mf is not None:
                 # The hardware's work differs from the model's: the loss applies the output layer only where a
-                # label is supervised (utils/loss.py), and activation checkpointing runs every layer's forward
+                # label is supervised (models/loss.py), and activation checkpointing runs every layer's forward
                 # again in backward. MFU counts the model's work; this is what the counter should see.
                 expected, how = analytic, []
                 if mf.head_params and unsupervised > 0:

@@ -13,10 +13,11 @@ from pathlib import Path
 
 import torch
 
-from shardtune.observability.logging import log, warn
+from shardtune.configs.run import RunConfigs
+from shardtune.errors import ConfigError
 from shardtune.observability.metrics import StepObserver
 from shardtune.utils import distributed
-from shardtune.utils.config_utils import ConfigError, RunConfigs
+from shardtune.utils.logging import log, warn
 
 
 def profiler_dir(run: RunConfigs) -> Path:

@@ -13,8 +13,9 @@ import os
 from pathlib import Path
 from typing import Dict, List
 
-from shardtune.observability.logging import log
-from shardtune.utils.config_utils import ConfigError, RunConfigs
+from shardtune.configs.run import RunConfigs
+from shardtune.errors import ConfigError
+from shardtune.utils.logging import log
 
 INSTALL = "pip install 'shardtune[tracking]'"
 _STEP_FIELDS = ("loss", "perplexity", "lr", "grad_norm", "tokens_per_s", "tflops", "mfu", "peak_mem_gb",

@@ -38,9 +38,9 @@ from typing import List, Optional
 import torch
 from torch import nn
 
+from shardtune.configs import precision as P
+from shardtune.models.quantization import is_quantized
 from shardtune.observability.memory import GB  # the unit of every memory figure shardtune prints
-from shardtune.policies.quantization import is_quantized
-from shardtune.utils import precision as P
 
 
 @dataclass(frozen=True)
@@ -136,7 +136,7 @@ def estimate_step_memory(model: nn.Module, layers: List[nn.Module], precision: s
     else:
         gathered = gathered_root + len(layers) * largest_layer  # every unit stays gathered from forward to backward
 
-    from shardtune.utils.loss import CHUNK_BYTES
+    from shardtune.models.loss import CHUNK_BYTES
 
     # Chunked cross-entropy: up to three chunks of fp32 logits (logits, softmax, gradient; all rows at once when
     # they fit in one chunk) plus the hidden states and their gradient in fp32.

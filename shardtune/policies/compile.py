@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from shardtune.observability.logging import log
 from shardtune.policies.wrapping import fsdp_units
+from shardtune.utils.logging import log
 
 
 def compile_decoder_layers(model: nn.Module) -> int:

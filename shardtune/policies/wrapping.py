@@ -16,7 +16,7 @@ from typing import List
 
 from torch import nn
 
-from shardtune.utils.model_utils import decoder_layers
+from shardtune.models.loading import decoder_layers
 
 
 def fsdp_units(model: nn.Module) -> List[nn.Module]:

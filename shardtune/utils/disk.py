@@ -15,10 +15,10 @@ import shutil
 from pathlib import Path
 from typing import Callable, Iterable, Optional
 
-from shardtune.model_checkpointing.export import SaveError
-from shardtune.observability.logging import warn
+from shardtune.errors import SaveError
 from shardtune.utils import distributed
 from shardtune.utils.io import TMP_MARKER
+from shardtune.utils.logging import warn
 
 MB = 2**20
 

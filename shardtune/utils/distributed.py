@@ -193,7 +193,7 @@ def on_rank0(fn: Callable[[], object], what: str = "prepare the run"):
     """
     if not multi_rank():
         return fn()
-    from shardtune.utils.config_utils import first_line
+    from shardtune.errors import first_line
 
     if dist.get_rank() == 0:
         try:
@@ -205,7 +205,7 @@ def on_rank0(fn: Callable[[], object], what: str = "prepare the run"):
         return result
     reply = broadcast_object(None)
     if reply[0] == "error":
-        from shardtune.utils.config_utils import ConfigError
+        from shardtune.errors import ConfigError
 
         if reply[1] == "ConfigError":
             raise ConfigError(reply[2])

@@ -7,11 +7,9 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
-
 from gpu.gpu_support import REPO, launch, quick_flags, save_llama
 from test_fsdp_support import step_losses
 
@@ -46,8 +44,8 @@ def test_bf16_mixed_under_fsdp_matches_autocast(tiny_llama_dir, tmp_path):
 
 
 def test_fused_adamw_on_cuda_matches_foreach():
-    from shardtune.finetuning import build_optimizer
-    from shardtune.utils.config_utils import parse_cli
+    from shardtune.configs.parse import parse_cli
+    from shardtune.policies.optimizer import build_optimizer
 
     run = parse_cli({"lr": 1e-2})
     torch.manual_seed(0)
@@ -144,7 +142,7 @@ def _packed_block():
 def _model(model_dir, attn, dtype, compile_layers=False):
     from transformers import AutoModelForCausalLM
 
-    from shardtune.utils.loss import CausalLMWithLoss
+    from shardtune.models.loss import CausalLMWithLoss
 
     model = CausalLMWithLoss(AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation=attn,
                                                                   dtype=dtype)).cuda()
@@ -237,9 +235,9 @@ def _four_layer_model_and_estimate(tmp_path, shard_size: int):
     estimate for it in pure bf16 with ``shard_size`` ranks sharing the parameters."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from shardtune.models.loss import CausalLMWithLoss
     from shardtune.policies import activation_budget as AB
     from shardtune.policies.wrapping import fsdp_units
-    from shardtune.utils.loss import CausalLMWithLoss
 
     model_dir = save_llama(tmp_path / "model", hidden_size=1024, intermediate_size=4096, num_hidden_layers=4,
                            num_attention_heads=16, num_key_value_heads=4)

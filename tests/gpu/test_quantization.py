@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from gpu.gpu_support import launch
 from test_fsdp_support import step_losses
 

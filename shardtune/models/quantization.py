@@ -26,19 +26,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-# Dtypes a 4-bit layer may store its packed weights in (--quantization_config.quant_storage).
-QUANT_STORAGE = (torch.bfloat16, torch.float16, torch.float32, torch.uint8)
-COMPUTE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-PEFT_METHODS = ("lora",)  # the adapters tested on quantized weights (tests/gpu/test_quantization.py)
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
+from shardtune.configs.quantization import dtype_name
 
 
 def fsdp_storage_dtype(precision: str) -> torch.dtype:
     """The dtype FSDP2 all-gathers a frozen weight in; packed 4-bit storage must be exactly this."""
-    from shardtune.utils.precision import frozen_dtype
+    from shardtune.configs.precision import frozen_dtype
 
     return frozen_dtype(precision)
 
@@ -47,7 +40,7 @@ def check_available() -> None:
     """--quantization runs on CUDA GPUs with the optional bitsandbytes package; one line otherwise."""
     import importlib.util
 
-    from shardtune.utils.config_utils import ConfigError
+    from shardtune.errors import ConfigError
 
     if not torch.cuda.is_available():
         raise ConfigError("--quantization needs a CUDA GPU (bitsandbytes); drop --quantization to train on CPU")
@@ -57,7 +50,7 @@ def check_available() -> None:
 
 def check_quantization(run, precision: str, sharded: bool) -> None:
     """Combinations that cannot work, as one line each, once the precision mode is known (before loading)."""
-    from shardtune.utils.config_utils import ConfigError
+    from shardtune.errors import ConfigError
 
     t, q = run.train, run.quantization
     if not t.quantization:

@@ -1,5 +1,5 @@
 """``build_model``: the one way a model is built from a run's config, for training, for the converter and for
-inference: load (utils/model_utils.py), fit the embedding to the tokenizer, freeze, add PEFT adapters.
+inference: load (models/loading.py), fit the embedding to the tokenizer, freeze, add PEFT adapters.
 
 Where the weights come from is run state, not config (``WeightSource``): a resumed FULL_STATE_DICT
 checkpoint supplies the model folder or the adapter, and the user's config stays as it was given, so the
@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-from shardtune.utils.config_utils import RunConfigs
+from shardtune.configs.run import RunConfigs
 
 
 @dataclass(frozen=True)
@@ -34,7 +34,7 @@ class WeightSource:
 
 def load_dtype(run: RunConfigs, precision: str, dist_info, source: WeightSource,
                checkpoint_dtype: torch.dtype) -> Optional[torch.dtype]:
-    """The dtype the weights are read in; None: the precision mode's master dtype (utils/precision.py).
+    """The dtype the weights are read in; None: the precision mode's master dtype (configs/precision.py).
 
     * Quantized base (QLoRA): everything but the adapters is frozen, so it is stored in the compute dtype.
     * Sharded on GPUs (no --low_cpu_fsdp, no CPU offload, the base checkpoint itself): the checkpoint's own
@@ -43,7 +43,7 @@ def load_dtype(run: RunConfigs, precision: str, dist_info, source: WeightSource,
     """
     t = run.train
     if t.quantization:
-        from shardtune.utils.precision import frozen_dtype
+        from shardtune.configs.precision import frozen_dtype
 
         return frozen_dtype(precision)
     upcast_on_gpu = (t.enable_fsdp and dist_info.distributed and dist_info.device.type == "cuda"
@@ -56,13 +56,13 @@ def build_model(run: RunConfigs, source: WeightSource, precision: str, device: t
                 trainable: bool = True, adapter_flag: str = "--from_peft_checkpoint") -> torch.nn.Module:
     """The causal LM of ``run`` (a PeftModel with --use_peft), its weights in ``precision``'s master dtype
     (or ``dtype``), on the CPU (or on ``device`` when quantized). Sharding and moving to the device are the
-    caller's (utils/fsdp_utils.py).
+    caller's (policies/fsdp.py).
 
     meta=True: the architecture on the meta device, no weights read (low_cpu_fsdp ranks other than 0; rank 0
     broadcasts the weights after sharding). trainable=False: adapters are loaded for inference only;
     adapter_flag: the option an error about the adapter folder names.
     """
-    from shardtune.utils.model_utils import freeze_first_layers, load_model, maybe_resize_embeddings
+    from shardtune.models.loading import freeze_first_layers, load_model, maybe_resize_embeddings
 
     t = run.train
     lm = load_model(source.model, precision, device, use_fast_kernels=t.use_fast_kernels, bnb_config=bnb_config,
@@ -75,7 +75,7 @@ def build_model(run: RunConfigs, source: WeightSource, precision: str, device: t
     if t.freeze_layers and not t.use_peft:
         freeze_first_layers(lm, t.num_freeze_layers)
     if t.use_peft:
-        from shardtune.utils.peft_utils import apply_peft
+        from shardtune.models.peft import apply_peft
 
         lm = apply_peft(lm, run, source.adapter, trainable=trainable, flag=adapter_flag)
     return lm

@@ -11,42 +11,23 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Callable, ContextManager, Iterator, List, Optional
 
 import torch
 from tqdm import tqdm
 
-from shardtune.observability.logging import log
-from shardtune.utils import distributed
-from shardtune.utils.config_utils import RunConfigs
-from shardtune.utils.loss import count_supervised_tokens
+from shardtune.configs.run import RunConfigs
+from shardtune.errors import TrainingDiverged
+from shardtune.models.loss import count_supervised_tokens
 from shardtune.observability.memory import (GB, MemoryTracker, device_peak_allocated_bytes, device_peak_reserved_bytes,
-                                         host_peak_rss_bytes)
+                                            host_peak_rss_bytes)
 from shardtune.observability.metrics import (MetricsWriter, StepObserver, format_step_line, perplexity,
                                              seconds_since_launch)
+from shardtune.training.state import TrainState
+from shardtune.utils import distributed
+from shardtune.utils.logging import log
 from shardtune.utils.rng import preserved_rng
-
-
-class TrainingDiverged(RuntimeError):
-    """The loss or the gradient norm stopped being finite (more often than --max_nonfinite_steps allows)."""
-
-
-@dataclass
-class TrainState:
-    """Progress counters; saved in every checkpoint so that a resumed run continues exactly."""
-
-    epoch: int = 0                 # current epoch (0-based)
-    step: int = 0                  # optimizer steps done, all epochs
-    batches_in_epoch: int = 0      # micro-batches of the current epoch already consumed
-    best_eval_loss: float = math.inf
-    tokens_seen: int = 0           # supervised tokens trained on, all ranks
-    epoch_loss_sum: float = 0.0    # this epoch's summed loss and supervised tokens so far, so that a
-    epoch_tokens: float = 0.0      # resumed epoch reports the same epoch loss as an uninterrupted one
-    skipped_steps: int = 0         # steps not applied because their loss or gradient norm was not finite
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 @dataclass
@@ -60,8 +41,8 @@ class TrainContext:
     metrics: MetricsWriter = field(default_factory=lambda: MetricsWriter(None))
     # (model, sync: bool) -> None; FSDP turns off gradient reduction on non-final micro-steps
     set_gradient_sync: Callable[[torch.nn.Module, bool], None] = lambda model, sync: None
-    # (state, reason) -> None; reason is "epoch", "step" or "best"
-    save_checkpoint: Optional[Callable[[TrainState, str], None]] = None
+    # (state, reason) -> the checkpoint folder written; reason is "epoch", "step" or "best"
+    save_checkpoint: Optional[Callable[[TrainState, str], object]] = None
     # profiler, FLOP counter: .on_step_start(state), .on_step_end(state, record), .close() on every rank
     observers: List[StepObserver] = field(default_factory=list)
     model_flops: Optional[object] = None  # observability/flops.ModelFlops: analytic FLOPs for TFLOP/s and MFU
@@ -245,9 +226,9 @@ def train(model, train_loader, eval_loader, optimizer, lr_scheduler, ctx: TrainC
             for obs in ctx.observers:
                 obs.on_step_end(state, record)
 
-            saved = bool(ctx.save_checkpoint and t.save_every_n_steps and state.step % t.save_every_n_steps == 0)
-            if saved:
-                ctx.save_checkpoint(state, "step")
+            saved = None  # this step's checkpoint folder, when one is written
+            if ctx.save_checkpoint and t.save_every_n_steps and state.step % t.save_every_n_steps == 0:
+                saved = ctx.save_checkpoint(state, "step")
             if ctx.stop_request is not None:
                 ctx.stop_request.after_step(state, ctx, saved)  # a stop signal: checkpoint, raise Preempted
             if t.max_train_step and state.step >= t.max_train_step:

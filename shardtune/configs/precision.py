@@ -17,8 +17,7 @@ hurts most. A checkpoint holds the stored parameters, so the converter rebuilds 
 """
 from __future__ import annotations
 
-import contextlib
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
@@ -75,33 +74,4 @@ def checkpoint_mode(mode: str) -> str:
     return "bf16_pure" if mode == "bf16_pure" else "fp32"
 
 
-def cast_parameters(model: torch.nn.Module, mode: str) -> None:
-    """bf16_pure: floating-point parameters (not buffers: RoPE frequencies stay fp32) become bf16. Other
-    modes keep the dtype the model was loaded in. Quantized weights are never cast (their dtype is a view of
-    packed bytes: policies/quantization.py)."""
-    from shardtune.policies.quantization import is_quantized
-
-    if mode != "bf16_pure":
-        return
-    for p in model.parameters():
-        if p.is_floating_point() and p.dtype != torch.bfloat16 and not is_quantized(p):
-            p.data = p.data.to(torch.bfloat16)
-
-
-def autocast(mode: str, device: torch.device, sharded: bool) -> Callable[[], contextlib.AbstractContextManager]:
-    """A context factory for forward passes: autocast for the mixed modes without FSDP (FSDP casts
-    parameters itself through its MixedPrecisionPolicy); a no-op otherwise."""
-    dtype = compute_dtype(mode)
-    if sharded or dtype is None:
-        return contextlib.nullcontext
-    return lambda: torch.autocast(device.type, dtype=dtype)
-
-
-def grad_scaler(mode: str, device: torch.device):
-    """fp16 needs its loss scaled (gradients would underflow); no other mode does. Under FSDP2 the plain
-    GradScaler works on the sharded DTensor gradients."""
-    return torch.amp.GradScaler(device.type) if mode == "fp16_mixed" else None
-
-
-__all__ = ["MODES", "resolve", "master_dtype", "compute_dtype", "reduce_dtype", "frozen_dtype", "checkpoint_mode",
-           "cast_parameters", "autocast", "grad_scaler"]
+__all__ = ["MODES", "resolve", "master_dtype", "compute_dtype", "reduce_dtype", "frozen_dtype", "checkpoint_mode"]

@@ -1,7 +1,7 @@
 """Loading a causal LM and its tokenizer from a local folder, a .gguf file or a hub id.
 
 Model code stays Hugging Face's; nothing here knows about sharding (that lives in ``policies/`` and
-``utils/fsdp_utils.py``).
+``policies/fsdp.py``).
 """
 from __future__ import annotations
 
@@ -14,8 +14,9 @@ from typing import Optional
 
 import torch
 
-from shardtune.observability.logging import log, warn
-from shardtune.utils.config_utils import ConfigError, first_line
+from shardtune.errors import ConfigError, first_line
+from shardtune.utils.logging import log, warn
+
 
 @dataclass(frozen=True)
 class ModelSource:
@@ -171,9 +172,9 @@ def load_model(name: str, precision: str, device: torch.device, *, use_fast_kern
 
     src = ModelSource.parse(name)
     config = load_model_config(src)
-    from shardtune.utils.precision import master_dtype
+    from shardtune.configs.precision import master_dtype
 
-    dtype = dtype or master_dtype(precision)  # utils/precision.py: fp32 master weights for the mixed modes
+    dtype = dtype or master_dtype(precision)  # configs/precision.py: fp32 master weights for the mixed modes
     attn = pick_attention(attn_implementation, use_fast_kernels, device, config, prompt_learning, packing)
     if meta:
         with torch.device("meta"):

@@ -36,13 +36,14 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
+from shardtune.configs import precision as P
 from shardtune.configs.fsdp import ShardingStrategy
-from shardtune.observability.logging import log, log_all
-from shardtune.policies.quantization import is_quantized
+from shardtune.configs.run import RunConfigs
+from shardtune.errors import ConfigError
+from shardtune.models.quantization import is_quantized
 from shardtune.utils import distributed
-from shardtune.utils import precision as P
-from shardtune.utils.config_utils import ConfigError, RunConfigs
 from shardtune.utils.distributed import DistInfo
+from shardtune.utils.logging import log, log_all
 
 
 # ---------------------------------------------------------------------------------------------
@@ -102,7 +103,7 @@ def check_fsdp_config(run: RunConfigs, dist_info: DistInfo) -> None:
         # --enable_fsdp in one process trains without sharding (activation checkpointing still applies): an
         # option that only a sharded run uses would be silently ignored, so it is refused instead.
         from shardtune.configs.fsdp import fsdp_config
-        from shardtune.utils.config_utils import FSDP_ONLY
+        from shardtune.configs.validate import FSDP_ONLY
 
         defaults = fsdp_config()
         for name in FSDP_ONLY:
@@ -158,6 +159,7 @@ def shard_model(model: nn.Module, run: RunConfigs, dist_info: DistInfo, precisio
     """
     from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
 
+    from shardtune.policies import mixed_precision
     from shardtune.policies.activation_budget import describe_gathered, describe_plan
     from shardtune.policies.mixed_precision import describe, mp_policy_for
     from shardtune.policies.wrapping import describe_units, fsdp_units
@@ -176,14 +178,14 @@ def shard_model(model: nn.Module, run: RunConfigs, dist_info: DistInfo, precisio
     # device one at a time (below), UnitPlacer casts each there: a cast here would copy the whole model on the host
     # (an fp32 checkpoint). --low_cpu_fsdp's rank 0 casts here, so that it broadcasts bf16.
     if place.device is None or low_cpu:
-        P.cast_parameters(model, precision)
+        mixed_precision.cast_parameters(model, precision)
     if t.quantization:
-        from shardtune.policies.quantization import prepare_for_sharding
+        from shardtune.models.quantization import prepare_for_sharding
 
         prepare_for_sharding(model)
 
     # Rank 0's full weights for --low_cpu_fsdp, taken before sharding replaces the parameters. (A quantized
-    # model was loaded by every rank itself: see policies/quantization.py.)
+    # model was loaded by every rank itself: see models/quantization.py.)
     full_state = model.state_dict() if low_cpu and dist_info.is_main else {}
 
     units_msg = describe_units(model)

@@ -6,9 +6,10 @@ from typing import Optional
 
 import torch
 
-from shardtune.observability.logging import log, warn
-from shardtune.utils.config_utils import ConfigError, RunConfigs, first_line
-from shardtune.utils.model_utils import decoder_layers
+from shardtune.configs.run import RunConfigs
+from shardtune.errors import ConfigError, first_line
+from shardtune.models.loading import decoder_layers
+from shardtune.utils.logging import log, warn
 
 
 def build_peft_config(run: RunConfigs, model):

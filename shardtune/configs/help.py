@@ -20,7 +20,9 @@ from typing import List, Optional
 
 import torch
 
-from shardtune.utils.config_utils import ConfigError, RunConfigs, _field_types, _plain
+from shardtune.configs.parse import _field_types
+from shardtune.configs.run import RunConfigs, _plain
+from shardtune.errors import ConfigError
 
 USAGE = """\
 usage: finetuning.py [--config FILE] [--FIELD VALUE ...] [--CONFIG.FIELD VALUE ...]

@@ -1,6 +1,6 @@
 """Stopping cleanly when the scheduler says so (SIGTERM from Slurm or Kubernetes before preemption, SIGINT
 from Ctrl-C): finish the optimizer step in progress, write a resumable checkpoint, exit with
-:data:`PREEMPTED_EXIT_CODE` and one line saying how to resume.
+:data:`shardtune.errors.EXIT_PREEMPTED` (75) and one line saying how to resume.
 
 The signal handler only records the signal. Once per optimizer step every rank contributes its flag to one
 tiny all-reduce (MAX), so all ranks agree to stop after the *same* step even when the signal reaches them
@@ -15,11 +15,9 @@ import signal
 import threading
 from typing import Optional
 
-from shardtune.observability.logging import log
 from shardtune.utils import distributed
-
-PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL (sysexits.h): a temporary failure, rerun to continue
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+from shardtune.utils.logging import log
+from shardtune.utils.signals import STOP_SIGNALS
 
 
 class Preempted(Exception):
@@ -64,26 +62,17 @@ class StopRequest:
         memory (gloo), so the GPU's queue is not drained for it."""
         return distributed.agree(self.signum, op="max")
 
-    def after_step(self, state, ctx, saved: bool) -> None:
-        """Called by the loop after every optimizer step; ``saved``: this step's checkpoint is written already.
-        Raises :class:`Preempted` once the checkpoint is on disk."""
+    def after_step(self, state, ctx, saved) -> None:
+        """Called by the loop after every optimizer step; ``saved``: the folder of this step's checkpoint when it
+        is written already (None: not yet). Raises :class:`Preempted` once the checkpoint is on disk."""
         signum = self.agreed_signal()
         if not signum:
             return
         log(f"--> {signal.Signals(signum).name} received: step {state.step} is done; saving a checkpoint "
             "(send the signal again to stop at once)")
-        path = None
-        if ctx.save_checkpoint is not None:
-            from shardtune.model_checkpointing.checkpoint import checkpoint_root, step_dir_name
-
-            if not saved:
-                ctx.save_checkpoint(state, "step")
-            path = checkpoint_root(ctx.run) / step_dir_name(state.step)
+        path = saved
+        if path is None and ctx.save_checkpoint is not None:
+            path = ctx.save_checkpoint(state, "step")
         raise Preempted(signum, state.step, str(path) if path else None)
 
 
-def ignore_stop_signals(worker_id: int = 0) -> None:
-    """DataLoader worker_init_fn: Slurm signals every process of a job step and Ctrl-C the whole process
-    group; workers must not die of it while the main process finishes its step (they end with it)."""
-    for sig in STOP_SIGNALS:
-        signal.signal(sig, signal.SIG_IGN)
