@@ -52,6 +52,10 @@ def build_data(run: RunConfigs, tokenizer, dist_info):
     log(f"--> {t.dataset}: {len(train_samples)} train samples -> {len(train_loader)} batches per rank"
         + (f"; {len(eval_samples)} eval samples" if eval_samples is not None else ""))
     check_batch_fits(train_loader, t.batch_size_training, dist_info.world_size)
+    if t.gradient_accumulation_steps > len(train_loader):  # every epoch would be one short, silent step
+        raise ConfigError(f"--gradient_accumulation_steps {t.gradient_accumulation_steps} is more than the "
+                          f"{len(train_loader)} batches an epoch has per rank: no optimizer step would get its "
+                          f"micro-batches; use at most {len(train_loader)} (or a smaller --batch_size_training)")
     return train_loader, eval_loader
 
 

@@ -14,7 +14,9 @@ from shardtune.configs.paths import BUNDLED_ALPACA_SAMPLE
 class samsum_dataset:
     """SAMSum dialogue summarisation (--dataset samsum_dataset), from a local folder or the hub."""
 
-    dataset: str = doc("samsum_dataset", "Data set name (fixed).")
+    NEEDS = ("dataset=samsum_dataset",)
+
+    dataset: str = doc("samsum_dataset", "Data set name (fixed).", choices=("samsum_dataset",))
     data_path: str = doc("knkarthick/samsum", "A local folder holding train.json / val.json / test.json of the "
                                               "SAMSum corpus (e.g. data/samsum), or a Hugging Face hub id (needs "
                                               "the network).")
@@ -27,7 +29,9 @@ class samsum_dataset:
 class grammar_dataset:
     """Grammar correction pairs from CSV files (--dataset grammar_dataset)."""
 
-    dataset: str = doc("grammar_dataset", "Data set name (fixed).")
+    NEEDS = ("dataset=grammar_dataset",)
+
+    dataset: str = doc("grammar_dataset", "Data set name (fixed).", choices=("grammar_dataset",))
     train_split: str = doc("data/grammar/gtrain_10k.csv", "CSV with input,target columns for training "
                                                           "(made by llama-recipes' grammar_dataset_process "
                                                           "notebook from JFLEG + C4_200M).")
@@ -39,7 +43,9 @@ class grammar_dataset:
 class alpaca_dataset:
     """Stanford Alpaca instructions (--dataset alpaca_dataset, the default; a sample ships with the package)."""
 
-    dataset: str = doc("alpaca_dataset", "Data set name (fixed).")
+    NEEDS = ("dataset=alpaca_dataset",)
+
+    dataset: str = doc("alpaca_dataset", "Data set name (fixed).", choices=("alpaca_dataset",))
     data_path: str = doc(str(BUNDLED_ALPACA_SAMPLE), "Stanford Alpaca JSON (a list of instruction/input/output "
                                                      "records). Default: a 2,000-record sample bundled with the "
                                                      "package; the full alpaca_data.json comes from "
@@ -52,7 +58,9 @@ class alpaca_dataset:
 class custom_dataset:
     """Your own Python function that returns the data set (--dataset custom_dataset)."""
 
-    dataset: str = doc("custom_dataset", "Data set name (fixed).")
+    NEEDS = ("dataset=custom_dataset",)
+
+    dataset: str = doc("custom_dataset", "Data set name (fixed).", choices=("custom_dataset",))
     file: str = doc("custom_dataset.py", "Python file defining get_custom_dataset(dataset_config, tokenizer, "
                                          "split); 'file.py:function' names another function.")
     collator: str = doc("", "Function in the same file that returns a collator, called as fn(tokenizer) "
@@ -66,7 +74,9 @@ class custom_dataset:
 class chat_dataset:
     """Chat records rendered with the tokenizer's chat template (--dataset chat_dataset)."""
 
-    dataset: str = doc("chat_dataset", "Data set name (fixed).")
+    NEEDS = ("dataset=chat_dataset",)
+
+    dataset: str = doc("chat_dataset", "Data set name (fixed).", choices=("chat_dataset",))
     data_path: str = doc("data/chat.jsonl", "JSON or JSONL file of records with 'messages' (list of {role, content}) "
                                             "or 'prompt'/'completion' pairs, rendered with the tokenizer's chat "
                                             "template.")

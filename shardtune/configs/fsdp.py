@@ -28,15 +28,19 @@ class fsdp_config:
     """Sharding (FSDP2 under torchrun), its mesh and numerics, activation checkpointing, checkpoint type, optimizer."""
 
     mixed_precision: bool = doc(True, "Use mixed precision under FSDP (bf16 compute, fp32 master weights and fp32 "
-                                      "gradient reduction) when the device supports bf16.")
+                                      "gradient reduction) when the device supports bf16.", needs="precision=auto")
     use_fp16: bool = doc(False, "fp16 compute with a sharded gradient scaler instead of bf16.")
     sharding_strategy: ShardingStrategy = doc(ShardingStrategy.FULL_SHARD,
-                                              "FULL_SHARD | SHARD_GRAD_OP | NO_SHARD | HYBRID_SHARD.")
+                                              "FULL_SHARD | SHARD_GRAD_OP | NO_SHARD | HYBRID_SHARD.",
+                                              needs="enable_fsdp")
     hsdp: bool = doc(False, "Build an explicit 2-D (replicate x shard) device mesh for HYBRID_SHARD from "
-                            "sharding_group_size and replica_group_size.")
-    sharding_group_size: int = doc(0, "HSDP: ranks that shard one model replica.", valid="[0, inf)")
+                            "sharding_group_size and replica_group_size.",
+                    needs=("enable_fsdp", "fsdp_config.sharding_strategy=HYBRID_SHARD"))
+    sharding_group_size: int = doc(0, "HSDP: ranks that shard one model replica.", valid="[0, inf)",
+                                   needs=("enable_fsdp", "fsdp_config.hsdp"))
     replica_group_size: int = doc(0, "HSDP: number of replicas; sharding_group_size x replica_group_size must equal "
-                                     "the world size.", valid="[0, inf)")
+                                     "the world size.", valid="[0, inf)",
+                                   needs=("enable_fsdp", "fsdp_config.hsdp"))
     checkpoint_type: StateDictType = doc(StateDictType.SHARDED_STATE_DICT,
                                          "SHARDED_STATE_DICT (torch.distributed.checkpoint, resumable) or "
                                          "FULL_STATE_DICT (a Hugging Face folder gathered on rank 0).")
@@ -47,7 +51,8 @@ class fsdp_config:
                                     "checkpoints the fewest layers that keep the step's estimated peak within "
                                     "ac_memory_fraction of the GPU (every layer off CUDA); 1 every layer, as the "
                                     "reference; n every n-th layer. The choice and its estimate are logged at "
-                                    "start (policies/activation_budget.py).", valid="[0, inf)")
+                                    "start (policies/activation_budget.py).", valid="[0, inf)",
+                                 needs="fsdp_config.fsdp_activation_checkpointing")
     ac_memory_fraction: float = doc(0.5, "With ac_every_n_layers 0 or keep_gathered_layers -1 (the automatic "
                                          "memory plan): the share of each GPU's memory (capped by what is free at "
                                          "start) the estimated step may use; lower it when other work shares the GPU "
@@ -59,11 +64,12 @@ class fsdp_config:
                                         "(ac_memory_fraction) leaves after activation checkpointing, all of them "
                                         "when they fit; n keeps the last n (the last layer always stays gathered: "
                                         "backward needs it first). SHARD_GRAD_OP keeps every layer.",
-                                    valid="[-1, inf)")
+                                    valid="[-1, inf)", needs="enable_fsdp")
     fsdp_cpu_offload: bool = doc(False, "Keep sharded parameters, gradients and optimizer state in host memory "
                                         "(sharded GPU runs under torchrun with --enable_fsdp only; refused "
-                                        "elsewhere).")
+                                        "elsewhere).", needs="enable_fsdp")
     pure_bf16: bool = doc(False, "bf16 parameters, gradients and optimizer state (no fp32 master weights).")
     optimizer: str = doc("AdamW", "'AdamW' (torch, fused where supported) or 'anyprecision' (AnyPrecisionAdamW with "
-                                  "bf16 moments; use with pure_bf16).")
-    use_kahan_summation: bool = doc(False, "anyprecision only: Kahan-compensated bf16 weight updates.")
+                                  "bf16 moments; use with pure_bf16).", choices=("AdamW", "anyprecision"))
+    use_kahan_summation: bool = doc(False, "anyprecision only: Kahan-compensated bf16 weight updates.",
+                                   needs="fsdp_config.optimizer=anyprecision")

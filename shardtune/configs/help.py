@@ -20,6 +20,7 @@ from typing import List, Optional
 
 import torch
 
+from shardtune.configs.needs import field_needs
 from shardtune.configs.parse import _field_types
 from shardtune.configs.run import RunConfigs, _plain
 from shardtune.errors import ConfigError
@@ -77,12 +78,16 @@ def _flag_for(run: RunConfigs, config_name: str, field_name: str) -> str:
     return f"--{config_name}.{field_name}"
 
 
-def _doc_text(f, full: bool, room: int = 0) -> str:
-    """The field's help: whole (``--help CONFIG``) or its first sentence cut to ``room`` (``--help``), with
-    its range and whether it is deprecated or refused (those are never cut)."""
+def _doc_text(cfg, f, full: bool, room: int = 0) -> str:
+    """The field's help: whole (``--help CONFIG``, with its choices and what it needs to take effect) or its first
+    sentence cut to ``room`` (``--help``), with its range and whether it is deprecated or refused (never cut)."""
     text, notes = f.metadata.get("help", ""), []
     if f.metadata.get("valid"):
         notes.append(f"Valid: {f.metadata['valid']}." if full else f.metadata["valid"])
+    if full and f.metadata.get("choices"):
+        notes.append(f"Choices: {' | '.join(f.metadata['choices'])}.")
+    if full and field_needs(cfg, f):
+        notes.append(f"Takes effect only with: {'; '.join(field_needs(cfg, f))} (refused otherwise).")
     if f.metadata.get("deprecated"):
         notes.append(f"Deprecated: {f.metadata['deprecated']}." if full else "(deprecated)")
     if f.metadata.get("unsupported"):
@@ -115,7 +120,7 @@ def format_config(run: RunConfigs, name: str, width: int, full: bool = True) -> 
         if len(head) > indent:  # an over-long default: its doc starts on the next line, aligned
             lines.append(head.rstrip())
             head = " " * indent
-        text = _doc_text(f, full, max(width - indent, 30))
+        text = _doc_text(cfg, f, full, max(width - indent, 30))
         lines.append(wrap.fill(head + text) if full else head + text)
     return lines
 

@@ -25,11 +25,12 @@ import json
 import typing
 from dataclasses import fields
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
 from shardtune.configs._field import FALSE_WORDS, TRUE_WORDS
+from shardtune.configs.presets import DEMO_PRESET
 from shardtune.configs.run import RunConfigs
 from shardtune.configs.validate import validate
 from shardtune.errors import ConfigError, first_line
@@ -184,8 +185,10 @@ def load_config_file(path: str, run: RunConfigs) -> Dict[str, Any]:
     return _flatten_file(data, run)
 
 
-def parse_cli(kwargs: Dict[str, Any]) -> RunConfigs:
-    """Build validated configs from fire's keyword arguments (and ``--config FILE``)."""
+def parse_cli(kwargs: Dict[str, Any], *, refuse_ineffective: bool = True) -> RunConfigs:
+    """Build validated configs from fire's keyword arguments (and ``--config FILE``). ``refuse_ineffective=False``
+    accepts fields that would have no effect: for reading back a checkpoint's own run_config.yaml, which before
+    this check existed held every field."""
     run = RunConfigs()
     kwargs = dict(kwargs)
     file_path = kwargs.pop("config", None)
@@ -194,11 +197,11 @@ def parse_cli(kwargs: Dict[str, Any]) -> RunConfigs:
         merged.update(load_config_file(str(file_path), run))
     merged.update(kwargs)  # command line wins over the file
     run.demo_preset = not any(k in merged for k in ("model_name", "train_config.model_name"))
-    if run.demo_preset:  # no model given: the embedded demo (see configs/presets.py)
-        from shardtune.configs.presets import DEMO_PRESET
-
+    if run.demo_preset:  # no model given: the embedded demo (configs/presets.py); the user's flags override it
         given = {k.rsplit(".", 1)[-1] for k in merged}
-        merged = {**{k: v for k, v in DEMO_PRESET.items() if k.rsplit(".", 1)[-1] not in given}, **merged}
+        for key, value in DEMO_PRESET.items():
+            if key.rsplit(".", 1)[-1] not in given:
+                _set(run, key, value)
 
     # train_config.peft_method and .dataset decide the plain-key priority: apply them first.
     for selector in ("peft_method", "dataset"):
@@ -206,12 +209,15 @@ def parse_cli(kwargs: Dict[str, Any]) -> RunConfigs:
             if key in merged:
                 _set(run, key, merged[key])
     for key, value in merged.items():
-        _set(run, key, value)
+        given = _set(run, key, value)
+        if refuse_ineffective:
+            run.given.add(given)
     validate(run)
     return run
 
 
-def _set(run: RunConfigs, key: str, value: Any) -> None:
+def _set(run: RunConfigs, key: str, value: Any) -> Tuple[str, str]:
+    """Set one field from a flag (plain or ``config.field``); returns the (config, field) it set."""
     key = key.replace("-", "_")
     names = run.by_name()
     if "." in key:
@@ -221,17 +227,28 @@ def _set(run: RunConfigs, key: str, value: Any) -> None:
         if "." in name:
             raise _unknown(key, run, "; use one dot: --config_name.field")
         cfg = names[prefix]
-        types = _field_types(cfg)
-        if name not in types:
+        if name not in _field_types(cfg):
             raise _unknown(key, run)
-        setattr(cfg, name, coerce(value, types[name], f"--{key}"))
-        return
-    for cfg in run.all_configs():
-        types = _field_types(cfg)
-        if key in types:
-            setattr(cfg, key, coerce(value, types[key], f"--{key}"))
-            return
-    raise _unknown(key, run)
+    else:
+        cfg = next((c for c in run.all_configs() if key in _field_types(c)), None)
+        if cfg is None:
+            raise _unknown(key, run)
+        name = key
+    tp = _field_types(cfg)[name]
+    if isinstance(value, bool) and _not_a_switch(cfg, name, tp):
+        # fire turns a flag given without a value (`--output_dir` last, or followed by another flag) into True
+        raise ConfigError(f"--{key} needs a value (it was given without one); e.g. --{key} VALUE")
+    setattr(cfg, name, coerce(value, tp, f"--{key}"))
+    return type(cfg).__name__, name
+
+
+def _not_a_switch(cfg, name: str, tp) -> bool:
+    """A field for which a bare flag (True) is no value: every type but bool, except a text field whose choices
+    include True (torch_compile may be given alone)."""
+    if tp in (bool, Optional[bool]):
+        return False
+    choices = next(f for f in fields(cfg) if f.name == name).metadata.get("choices", ())
+    return "true" not in {c.lower() for c in choices}
 
 
 def resolve_compile(run: RunConfigs, device: torch.device) -> bool:

@@ -9,16 +9,19 @@ from shardtune.configs._field import doc
 
 @dataclass
 class quantization_config:
-    """bitsandbytes settings of the base model's quantization (with --quantization 4bit or 8bit)."""
+    """bitsandbytes settings of the 4-bit base model (with --quantization 4bit; 8-bit takes no settings)."""
 
-    quant_type: str = doc("fp4", "4-bit data type: 'fp4' or 'nf4'.")
+    NEEDS = ("quantization=4bit",)
+
+    quant_type: str = doc("fp4", "4-bit data type: 'fp4' or 'nf4'.", choices=("fp4", "nf4"))
     compute_dtype: torch.dtype = doc(torch.bfloat16, "Compute dtype of the 4-bit layers (bfloat16, float16 or "
-                                                     "float32).")
+                                                     "float32).", choices=("bfloat16", "float16", "float32"))
     use_double_quant: bool = doc(False, "Quantize the quantization constants too.")
     quant_storage: torch.dtype = doc(torch.bfloat16, "Dtype the packed 4-bit weights are stored as: bfloat16, "
                                                      "float16, float32 or uint8. Under FSDP it must be the dtype the "
                                                      "unit is gathered in (bfloat16 for the default bf16 precision, "
-                                                     "float32 for --precision fp32); checked at start.")
+                                                     "float32 for --precision fp32); checked at start.",
+                                         choices=("bfloat16", "float16", "float32", "uint8"))
 
     def create_bnb_config(self, quantization: str):
         """BitsAndBytesConfig for '4bit' / '8bit'. Raises ValueError for anything else."""
@@ -34,9 +37,6 @@ class quantization_config:
         raise ValueError(f"--quantization must be '4bit' or '8bit', got {quantization!r}")
 
 
-# Dtypes a 4-bit layer may store its packed weights in (--quantization_config.quant_storage).
-QUANT_STORAGE = (torch.bfloat16, torch.float16, torch.float32, torch.uint8)
-COMPUTE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 PEFT_METHODS = ("lora",)  # the adapters tested on quantized weights (tests/gpu/test_quantization.py)
 
 

@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field, fields
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Set, Tuple
 
 import torch
 
 from shardtune import configs as C
+from shardtune.configs.needs import as_text, unmet_clause
 
 
 @dataclass
@@ -21,6 +22,9 @@ class RunConfigs:
     wandb: C.wandb_config = field(default_factory=C.wandb_config)
     quantization: C.quantization_config = field(default_factory=C.quantization_config)
     demo_preset: bool = False  # True when no --model_name was given (configs/presets.py)
+    # (config name, field name) of every field given on the command line or in --config (not by the demo preset):
+    # a given field that would have no effect is refused (configs/validate.py)
+    given: Set[Tuple[str, str]] = field(default_factory=set)
 
     @property
     def peft(self):
@@ -43,17 +47,20 @@ class RunConfigs:
         return {type(c).__name__: c for c in self.all_configs()}
 
     def to_dict(self) -> Dict[str, Dict[str, Any]]:
-        """The resolved run as plain data: train, fsdp, the active PEFT and dataset configs, trackers."""
-        chosen = [self.train, self.fsdp, self.peft, self.dataset, self.wandb, self.quantization]
-        return {type(c).__name__: {f.name: _plain(getattr(c, f.name)) for f in fields(c)} for c in chosen}
-
+        """The resolved run as plain data: every field that takes effect (configs/needs.py), by config. Fields that
+        would do nothing are left out, so that ``--config`` reads the result back without refusing them."""
+        out = {}
+        for cfg in self.all_configs():
+            active = {f.name: _plain(getattr(cfg, f.name)) for f in fields(cfg) if unmet_clause(self, cfg, f) is None}
+            if active:
+                out[type(cfg).__name__] = active
+        return out
 
 
 def _plain(value):
-    if isinstance(value, enum.Enum):
-        return value.name
-    if isinstance(value, torch.dtype):
-        return str(value).removeprefix("torch.")
+    """A value as YAML holds it: enums by name, dtypes as text, lists as lists."""
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
+    if isinstance(value, (enum.Enum, torch.dtype)):
+        return as_text(value)
     return value

@@ -71,7 +71,7 @@ def convert(checkpoint: Path, output: Path, model_name: Optional[str] = None, dt
     overrides = {"config": str(checkpoint / "run_config.yaml")}
     if model_name:
         overrides["model_name"] = model_name
-    run = parse_cli(overrides)
+    run = parse_cli(overrides, refuse_ineffective=False)
     t = run.train
     base_config = load_model_config(ModelSource.parse(t.model_name))
     base_dtype = getattr(base_config, "dtype", None) or torch.float32

@@ -98,15 +98,15 @@ def plan_mesh(run: RunConfigs, world_size: int, node_size: Optional[int] = None)
 def check_fsdp_config(run: RunConfigs, dist_info: DistInfo) -> None:
     """Everything about sharding that can fail on user input; call before the weights are read."""
     if not run.train.enable_fsdp:
-        return  # config_utils.validate already refused the FSDP-only options
+        return  # configs/validate.py already refused the FSDP-only options
     if not dist_info.distributed:
         # --enable_fsdp in one process trains without sharding (activation checkpointing still applies): an
         # option that only a sharded run uses would be silently ignored, so it is refused instead.
         from shardtune.configs.fsdp import fsdp_config
-        from shardtune.configs.validate import FSDP_ONLY
+        from shardtune.configs.needs import fields_needing
 
         defaults = fsdp_config()
-        for name in FSDP_ONLY:
+        for name in fields_needing(fsdp_config, "enable_fsdp"):
             if getattr(run.fsdp, name) != getattr(defaults, name):
                 raise ConfigError(f"--fsdp_config.{name} has no effect in a single process (nothing is sharded): "
                                   "launch with torchrun --nproc_per_node N, or drop it")
