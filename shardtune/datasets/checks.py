@@ -55,9 +55,9 @@ def _token_array(value, field: str, where: str) -> np.ndarray:
         raise ConfigError(f"{where}: {field} must be a flat list of token ids, got an array of shape "
                           f"{tuple(array.shape)}")
     if array.size and (array.dtype == bool or not np.issubdtype(array.dtype, np.integer)):
-        bad = next((k for k, x in enumerate(array.tolist())
-                    if isinstance(x, bool) or not isinstance(x, (int, np.integer))), 0)
-        raise ConfigError(f"{where}: {field}[{bad}] = {array.tolist()[bad]!r} is not an integer token id")
+        items = list(value)  # the caller's own elements: a list of ints with one 6.5 in it names the 6.5
+        bad = next((k for k, x in enumerate(items) if isinstance(x, bool) or not isinstance(x, (int, np.integer))), 0)
+        raise ConfigError(f"{where}: {field}[{bad}] = {items[bad]!r} is not an integer token id")
     return array.astype(np.int64, copy=False)
 
 
