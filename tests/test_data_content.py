@@ -15,7 +15,6 @@ import pytest
 from fresh_cli import FreshCli
 from test_bad_input import ENV, _folder_state, _sentinel_folder, assert_clean_failure
 
-GOOD = {"input_ids": [1, 5, 6, 7, 8], "labels": [-100, -100, 6, 7, 8]}
 CUSTOM_TEMPLATE = '''
 def get_custom_dataset(dataset_config, tokenizer, split):
     samples = [{{"input_ids": [1, 5, 6, 7, 8], "labels": [-100, -100, 6, 7, 8]}} for _ in range(20)]
@@ -194,3 +193,33 @@ def test_a_run_with_some_unsupervised_samples_drops_them_and_trains(files, fresh
     assert "17 train samples" in stdout
     summary = json.loads((out_dir / "summary.json").read_text())
     assert summary["steps"] == 1 and summary["tokens_seen"] > 0
+
+
+def test_weight_checks_accept_real_layouts(tiny_llama_dir, tiny_gpt2_dir, tmp_path):
+    """No false alarm: tied embeddings (GPT-2 has no lm_head tensor), sharded weights with an index, weights saved
+    from the base model (no 'model.' prefix), and a config asking for fewer layers than the weights hold."""
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    from shardtune.errors import ConfigError
+    from shardtune.models.loading import ModelSource, check_weight_files
+
+    sharded = tmp_path / "sharded"
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    model.save_pretrained(sharded, max_shard_size="200KB")
+    assert (sharded / "model.safetensors.index.json").is_file() and not (sharded / "model.safetensors").exists()
+    base = tmp_path / "base"
+    shutil.copytree(tiny_llama_dir, base)
+    save_file({k: v.contiguous() for k, v in model.model.state_dict().items()} | {"lm_head.weight": model.lm_head.weight},
+              str(base / "model.safetensors"))
+    fewer = tmp_path / "fewer"
+    shutil.copytree(tiny_llama_dir, fewer)
+    config = json.loads((fewer / "config.json").read_text())
+    (fewer / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 1}))
+    for folder in (tiny_llama_dir, tiny_gpt2_dir, sharded, base, fewer):
+        check_weight_files(ModelSource.parse(str(folder)))
+    # ... and a shard that its index names but the folder lacks is one line
+    shard = sorted(sharded.glob("model-*.safetensors"))[-1]
+    shard.unlink()
+    with pytest.raises(ConfigError, match=f"names 1 weight file.*{shard.name}"):
+        check_weight_files(ModelSource.parse(str(sharded)))
