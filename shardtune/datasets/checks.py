@@ -94,8 +94,9 @@ def check_custom_samples(samples, source: Source, vocab_size: int, context_lengt
     """Check every sample a custom data set function returned (``read(i)`` fetches sample i, reporting an
     exception in the user's code as one line), then drop those without a supervised token."""
     lengths, starts = [], []
+    name = source.item or (lambda i: f"sample [{i}]")
     for i in range(len(samples)):
-        labels = check_sample(read(i), f"{source.what}: {source.item(i)}", vocab_size)
+        labels = check_sample(read(i), f"{source.what}: {name(i)}", vocab_size)
         supervised = np.flatnonzero(labels[1:] != IGNORE_INDEX)  # as common.target_start: position 0 never counts
         lengths.append(len(labels))
         starts.append(int(supervised[0]) + 1 if supervised.size else len(labels))
