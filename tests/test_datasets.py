@@ -200,8 +200,8 @@ def test_samples_without_supervised_token_after_truncation_are_dropped_with_one_
     assert 0 < expected_drop < len(full)
     err = capsys.readouterr().err
     assert err.count("warning:") == 1
-    assert (f"dropped {expected_drop} of {len(full)} samples that have no supervised token within "
-            f"context_length={context}") in err
+    assert (f"dropped {expected_drop} of {len(full)} samples that have no supervised token: {expected_drop} whose "
+            f"target lies beyond context_length={context}") in err
     assert len(cut) == len(full) - expected_drop
     assert all(any(x != IGNORE_INDEX for x in s["labels"][1:context]) for s in cut)
 
@@ -457,9 +457,60 @@ def test_chat_without_template_falls_back_and_unstable_templates_fail(chat_files
 def test_chat_bad_records_name_the_record(tmp_path, tok):
     path = tmp_path / "bad.jsonl"
     path.write_text(json.dumps({"messages": CONVERSATION}) + "\n" + json.dumps({"text": "hello"}) + "\n")
-    with pytest.raises(ConfigError, match=r"^--chat_dataset.data_path: record 1 of .*bad.jsonl has neither 'messages' "
+    with pytest.raises(ConfigError, match=r"^--chat_dataset.data_path: .*bad.jsonl, line 2 has neither 'messages' "
                                           r"nor 'prompt'/'completion'"):
         get_preprocessed_dataset(tok, C.chat_dataset(data_path=str(path)), "train")
     path.write_text(json.dumps({"messages": CONVERSATION[:2]}) + "\n")
-    with pytest.raises(ConfigError, match="record 0 of .* has no assistant message"):
+    with pytest.raises(ConfigError, match=r"bad.jsonl, line 1 has no assistant message"):
         get_preprocessed_dataset(tok, C.chat_dataset(data_path=str(path)), "train")
+    listed = tmp_path / "bad.json"
+    listed.write_text(json.dumps([{"messages": CONVERSATION}, {"text": "hello"}]))
+    with pytest.raises(ConfigError, match=r"bad.json, record \[1\] has neither"):
+        get_preprocessed_dataset(tok, C.chat_dataset(data_path=str(listed)), "train")
+
+
+def test_jsonl_line_numbers_count_blank_lines_and_ignore_unicode_separators(tmp_path):
+    from shardtune.datasets.common import read_located_records
+
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"a": 1}\n\n{"a": "x\u2028y"}\r\n\n{"a": 3}\n', encoding="utf-8")
+    assert [w for w, _ in read_located_records(path, "--flag", "records")] == ["line 1", "line 3", "line 5"]
+    path.write_text('{"a": 1}\n\n{"a": \n', encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"d.jsonl, line 3: not valid JSON \(Expecting value, column 7\)"):
+        read_located_records(path, "--flag", "records")
+
+
+def _custom_samples(tmp_path, body: str) -> C.custom_dataset:
+    path = tmp_path / "samples.py"
+    path.write_text(f"def get_custom_dataset(c, t, s):\n    return {body}\n")
+    return C.custom_dataset(file=str(path))
+
+
+@pytest.mark.parametrize("body, match", [
+    ("[{'input_ids': [1, 2, 3], 'labels': [1, 2, 3]}, {'input_ids': [1, 4096], 'labels': [1, 2]}]",
+     r"samples.py: get_custom_dataset\(..., split='train'\): sample \[1\]: input_ids\[1\] = 4096 is outside the "
+     r"vocabulary: token ids must be in 0..2047 \(the tokenizer's 2048 tokens\)$"),
+    ("[{'input_ids': [1, 2, 3], 'labels': [-100, -5, 3]}]", r"sample \[0\]: labels\[1\] = -5 is negative.* or -100"),
+    ("[{'input_ids': [1, 2, 3], 'labels': [1, 2, 3], 'attention_mask': [1, 1]}]",
+     r"attention_mask has 2 entries but input_ids has 3"),
+    ("[{'input_ids': [1, 2, 3], 'labels': [1, 2.0, 3]}]", r"labels\[1\] = 2.0 is not an integer"),
+    ("[{'input_ids': [1, 2, 3], 'labels': [-100, -100, -100]}] * 3", r"no supervised token in any of its 3 samples"),
+])
+def test_custom_sample_content_errors_name_the_sample_and_field(body, match, tmp_path, tok):
+    with pytest.raises(ConfigError, match=match) as exc:
+        get_preprocessed_dataset(tok, _custom_samples(tmp_path, body), "train", _train_cfg(tmp_path))
+    assert "\n" not in str(exc.value)
+
+
+def test_custom_samples_as_tensors_and_numpy_pass_and_unsupervised_ones_are_dropped(tmp_path, tok, capsys):
+    import numpy as np
+    import torch
+
+    good = {"input_ids": torch.tensor([1, 5, 6]), "labels": np.array([-100, 5, 6]), "attention_mask": [1, 1, 1]}
+    samples = [dict(good) for _ in range(4)] + [{"input_ids": [1, 5, 6], "labels": [1, -100, -100]}]
+    from shardtune.datasets.checks import Source, check_custom_samples
+
+    kept = check_custom_samples(samples, Source("data", lambda i: f"sample [{i}]"), 2048, None, samples.__getitem__)
+    assert len(kept) == 4 and all(k is s for k, s in zip(kept, samples))
+    err = capsys.readouterr().err
+    assert err.count("warning:") == 1 and "dropped 1 of 5 samples" in err and "sample [4]" in err

@@ -165,10 +165,18 @@ def _flatten_file(data: Dict[str, Any], run: RunConfigs) -> Dict[str, Any]:
 
 
 def load_config_file(path: str, run: RunConfigs) -> Dict[str, Any]:
-    p = Path(path)
+    p = Path(path).expanduser()
+    if p.is_dir():
+        raise ConfigError(f"--config: {path} is a directory, not a file (give a YAML or JSON file of config keys)")
     if not p.is_file():
         raise ConfigError(f"--config: file not found: {path} (give a YAML or JSON file of config keys)")
-    text = p.read_text(encoding="utf-8")
+    try:
+        text = p.read_bytes().decode("utf-8-sig")  # a byte-order mark, as some Windows editors write, is fine
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"--config: {path} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset "
+                          f"{exc.start}); re-save it as UTF-8") from None
+    except OSError as exc:
+        raise ConfigError(f"--config: cannot read {path}: {exc.strerror or exc}") from None
     try:
         if p.suffix == ".json":
             data = json.loads(text)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import List
 
-from shardtune.datasets.common import drop_empty, read_json_records, require_file, split_records
+from shardtune.datasets.common import drop_empty, read_located_records, require_file, split_records
 from shardtune.errors import ConfigError
 
 PROMPT_WITH_INPUT = (
@@ -32,10 +32,13 @@ def format_prompt(record: dict) -> str:
 
 
 def load_records(path: str) -> List[dict]:
-    records = read_json_records(require_file(path, FLAG, SOURCE), FLAG, FORMAT)
-    if not all("instruction" in r and "output" in r for r in records):
-        raise ConfigError(f"{FLAG}: {path} is not {FORMAT}")
-    return records
+    located = read_located_records(require_file(path, FLAG, SOURCE), FLAG, FORMAT)
+    for where, record in located:
+        missing = [f for f in ("instruction", "output") if f not in record]
+        if missing:
+            raise ConfigError(f"{FLAG}: {path}, {where} has no {' or '.join(repr(f) for f in missing)} field, so "
+                              f"the file is not {FORMAT}")
+    return [record for _, record in located]
 
 
 def load_examples(dataset_config, split: str) -> List[dict]:

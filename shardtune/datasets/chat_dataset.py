@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Dict, List, Tuple
 
-from shardtune.datasets.common import TRAIN_SPLITS, VAL_SPLITS, read_json_records, require_file, split_records
+from shardtune.datasets.common import TRAIN_SPLITS, VAL_SPLITS, read_located_records, require_file, split_records
 from shardtune.errors import ConfigError
 from shardtune.models.loss import IGNORE_INDEX
 from shardtune.utils.logging import warn
@@ -52,8 +52,8 @@ def to_messages(record: dict, where: str) -> List[Dict[str, str]]:
 
 def _read(path: str, flag: str) -> List[dict]:
     file = require_file(path, flag, SOURCE)
-    return [{"messages": to_messages(r, f"{flag}: record {i} of {path}")}
-            for i, r in enumerate(read_json_records(file, flag, FORMAT))]
+    return [{"messages": to_messages(record, f"{flag}: {path}, {where}")}
+            for where, record in read_located_records(file, flag, FORMAT)]
 
 
 def load_examples(dataset_config, split: str) -> List[dict]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
-from typing import Dict, List, Sequence
+from typing import Dict, List, Sequence, Tuple
 
 from shardtune.errors import ConfigError
 from shardtune.models.loss import IGNORE_INDEX
@@ -27,7 +27,10 @@ def file_not_found(flag: str, path: str, how_to_get: str) -> ConfigError:
 
 
 def require_file(path: str, flag: str, how_to_get: str) -> Path:
+    """The path of an existing file; a missing path or a folder is one line naming the flag."""
     p = Path(path).expanduser()
+    if p.is_dir():
+        raise ConfigError(f"{flag}: {path} is a directory, not a file (set {flag} to {how_to_get})")
     if not p.is_file():
         raise file_not_found(flag, path, how_to_get)
     return p
@@ -35,7 +38,10 @@ def require_file(path: str, flag: str, how_to_get: str) -> Path:
 
 def read_text(path: Path, flag: str) -> str:
     """A data file's text; anything but UTF-8 (a UTF-8 byte-order mark is fine) is one error line."""
-    data = path.read_bytes()
+    try:
+        data = path.read_bytes()
+    except OSError as exc:  # permissions, a FIFO that went away, an I/O error
+        raise ConfigError(f"{flag}: cannot read {path}: {exc.strerror or exc}") from None
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
@@ -44,21 +50,47 @@ def read_text(path: Path, flag: str) -> str:
                           f"{exc.start}; re-save the file as UTF-8") from None
 
 
+_JSON_TYPES = {list: "array", str: "string", int: "number", float: "number", bool: "boolean", type(None): "null"}
+
+
+def read_located_records(path: Path, flag: str, what: str) -> List[Tuple[str, dict]]:
+    """(where, record) pairs of a JSON list of objects ('record [i]', 0-based) or of JSON Lines, one object
+    per line ('line n', 1-based, counting blank lines as the file has them), so that every later error
+    can point at the record."""
+    text = read_text(path, flag)
+    if path.suffix == ".jsonl" or not text.lstrip().startswith("["):
+        located = []
+        # split on "\n" only: str.splitlines() also splits at U+2028 and other separators, which JSON allows
+        # raw inside strings, and would shift every later line number
+        for number, line in enumerate(text.split("\n"), start=1):
+            if not line.strip():
+                continue
+            try:
+                located.append((f"line {number}", json.loads(line)))
+            except json.JSONDecodeError as exc:
+                raise ConfigError(f"{flag}: {path}, line {number}: not valid JSON ({exc.msg}, column {exc.colno}); "
+                                  f"expected {what}") from None
+    else:
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{flag}: {path} is not valid JSON ({exc.msg}: line {exc.lineno} column "
+                              f"{exc.colno}); expected {what}") from None
+        if not isinstance(records, list):
+            raise ConfigError(f"{flag}: {path} must hold {what}")
+        located = [(f"record [{i}]", r) for i, r in enumerate(records)]
+    for where, record in located:
+        if not isinstance(record, dict):
+            raise ConfigError(f"{flag}: {path}, {where} is a JSON {_JSON_TYPES.get(type(record), 'value')}, not an "
+                              f"object; the file must hold {what}")
+    if not located:
+        raise ConfigError(f"{flag}: {path} holds no records; expected {what}")
+    return located
+
+
 def read_json_records(path: Path, flag: str, what: str) -> List[dict]:
     """A JSON list of objects, or JSON Lines (one object per line)."""
-    text = read_text(path, flag)
-    try:
-        if path.suffix == ".jsonl" or not text.lstrip().startswith("["):
-            records = [json.loads(line) for line in text.splitlines() if line.strip()]
-        else:
-            records = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"{flag}: {path} is not valid JSON / JSON Lines ({exc}); expected {what}") from None
-    if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
-        raise ConfigError(f"{flag}: {path} must hold {what}")
-    if not records:
-        raise ConfigError(f"{flag}: {path} holds no records; expected {what}")
-    return records
+    return [record for _, record in read_located_records(path, flag, what)]
 
 
 def split_records(records: Sequence, split: str, flag: str) -> list:

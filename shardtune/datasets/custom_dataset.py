@@ -23,6 +23,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import Dict, Optional, Tuple
 
+from shardtune.datasets.checks import Source, check_custom_samples
+from shardtune.datasets.common import require_file
 from shardtune.errors import ConfigError
 
 FLAG = "--custom_dataset.file"
@@ -43,10 +45,7 @@ def parse_spec(spec: str) -> Tuple[str, Optional[str]]:
 def load_module(spec: str) -> ModuleType:
     """Execute the user's file once per process and keep the module (keyed by its resolved path)."""
     path_text, _ = parse_spec(spec)
-    path = Path(path_text).expanduser()
-    if not path.is_file():
-        raise ConfigError(f"{FLAG}: file not found: {path_text} (set {FLAG} to a Python file defining "
-                          f"{DEFAULT_FUNCTION}(dataset_config, tokenizer, split))")
+    path = require_file(path_text, FLAG, f"a Python file defining {DEFAULT_FUNCTION}(dataset_config, tokenizer, split)")
     key = path.resolve()
     if key not in _MODULES:
         stem = re.sub(r"\W", "_", key.stem)
@@ -130,6 +129,22 @@ def get_custom_dataset(dataset_config, tokenizer, split: str):
                               f"{type(first).__name__} {sorted(first) if isinstance(first, Mapping) else ''}), "
                               f"or define a collator ({DEFAULT_COLLATOR}(tokenizer) or --custom_dataset.collator)")
     return data
+
+
+def check_samples(data, dataset_config, split: str, vocab_size: int, context_length: Optional[int]):
+    """Every sample's token ids, field lengths and supervision (datasets/checks.py), each error naming the
+    file, the function and the sample; samples without a supervised token are dropped with one warning."""
+    _, func_name = parse_spec(dataset_config.file)
+    path = Path(load_module(dataset_config.file).__file__)
+    source = Source(f"{FLAG} {path}: {func_name or DEFAULT_FUNCTION}(..., split={split!r})", lambda i: f"sample [{i}]")
+
+    def read(i: int):
+        try:
+            return data[i]
+        except Exception as exc:  # noqa: BLE001 - the user's __getitem__ failing, as one line
+            raise user_code_error(path, exc) from exc
+
+    return check_custom_samples(data, source, vocab_size, context_length, read)
 
 
 def get_data_collator(dataset_config, tokenizer):

@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import List
 
-from shardtune.datasets.common import drop_empty, file_not_found, read_json_records
+from shardtune.datasets.common import drop_empty, read_json_records, require_file
 from shardtune.errors import ConfigError, first_line
 
 PROMPT = "Summarize this dialog:\n{dialog}\n---\nSummary:\n"
@@ -29,9 +29,7 @@ def _from_folder(folder: Path, split: str) -> List[dict]:
     if split not in SPLIT_FILES:
         raise ConfigError(f"--samsum_dataset.train_split/test_split: unknown split {split!r}; valid: "
                           f"{', '.join(SPLIT_FILES)}")
-    path = folder / SPLIT_FILES[split]
-    if not path.is_file():
-        raise file_not_found(FLAG, str(path), SOURCE)
+    path = require_file(str(folder / SPLIT_FILES[split]), FLAG, SOURCE)
     return read_json_records(path, FLAG, "a JSON list of {id, dialogue, summary} records")
 
 
@@ -49,6 +47,9 @@ def _from_hub(hub_id: str, split: str) -> List[dict]:
 
 def load_examples(dataset_config, split: str) -> List[dict]:
     folder = Path(dataset_config.data_path).expanduser()
+    if folder.is_file():  # e.g. the path of train.json itself: not a hub id either
+        raise ConfigError(f"{FLAG}: {dataset_config.data_path} is a file; give the folder that holds it "
+                          f"(set {FLAG} to {SOURCE})")
     records = _from_folder(folder, split) if folder.is_dir() else _from_hub(dataset_config.data_path, split)
     records = drop_empty(records, ("dialogue", "summary"), f"samsum_dataset {split}")
     # The corpus has Windows line ends inside dialogues; the model should see the '\n' users type.

@@ -8,9 +8,10 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
@@ -61,28 +62,116 @@ def load_model_config(src: ModelSource, flag: str = "--model_name"):
     return config
 
 
+def _safetensors_header(path: Path, flag: str) -> dict:
+    """The JSON header of a safetensors file (tensor name -> dtype, shape, data_offsets), after checking that
+    the file is whole; a truncated or corrupt file is one line."""
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as fh:
+            header_len = int.from_bytes(fh.read(8), "little")
+            if size < 8 or header_len > size - 8:
+                raise ValueError(f"its header needs {header_len} bytes, the file has {size}")
+            header = json.loads(fh.read(header_len))
+        data_end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
+        raise ConfigError(f"{flag}: {path} is not a valid safetensors file ({first_line(exc)}); re-download or "
+                          "re-save the model") from None
+    if 8 + header_len + data_end > size:
+        raise ConfigError(f"{flag}: {path} is truncated ({size} bytes of {8 + header_len + data_end}); "
+                          "re-download or re-save the model")
+    return {k: v for k, v in header.items() if k != "__metadata__"}
+
+
+def _weight_files_loaded(folder: Path, flag: str) -> list:
+    """The safetensors files from_pretrained reads: model.safetensors, else the shards its index names."""
+    if (folder / "model.safetensors").is_file():
+        return [folder / "model.safetensors"]
+    index = folder / "model.safetensors.index.json"
+    if not index.is_file():
+        return []
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        names = sorted(set(weight_map.values()))
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ConfigError(f"{flag}: {index} is not a valid safetensors index ({first_line(exc)})") from None
+    missing = [n for n in names if not (folder / n).is_file()]
+    if missing:
+        raise ConfigError(f"{flag}: {index} names {len(missing)} weight file(s) that are not in the folder, "
+                          f"e.g. {missing[0]}; re-download the model")
+    return [folder / n for n in names]
+
+
 def check_weight_files(src: ModelSource, flag: str = "--model_name") -> None:
-    """Catch truncated or corrupt safetensors files of a local model folder from their headers, before
-    anything is written (loading them fails deep inside from_pretrained, after minutes on a big model)."""
+    """Catch truncated or corrupt safetensors files of a local model folder, and a config.json that does
+    not match them, from the headers alone, before anything is written (loading fails deep inside
+    from_pretrained after minutes on a big model, or, worse, fills what the weights lack with random
+    values and trains them)."""
     folder = Path(src.path)
     if src.gguf_file or not folder.is_dir():
         return
-    for path in sorted(folder.glob("*.safetensors")):
-        size = path.stat().st_size
-        try:
-            with open(path, "rb") as fh:
-                header_len = int.from_bytes(fh.read(8), "little")
-                if size < 8 or header_len > size - 8:
-                    raise ValueError(f"its header needs {header_len} bytes, the file has {size}")
-                header = json.loads(fh.read(header_len))
-            data_end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"),
-                           default=0)
-        except (ValueError, KeyError, TypeError, IndexError) as exc:
-            raise ConfigError(f"{flag}: {path} is not a valid safetensors file ({first_line(exc)}); re-download or "
-                              "re-save the model") from None
-        if 8 + header_len + data_end > size:
-            raise ConfigError(f"{flag}: {path} is truncated ({size} bytes of {8 + header_len + data_end}); "
-                              "re-download or re-save the model")
+    headers = {path: _safetensors_header(path, flag) for path in sorted(folder.glob("*.safetensors"))}
+    shapes = {}  # tensor name -> (shape, the file holding it), over the files from_pretrained reads
+    for path in _weight_files_loaded(folder, flag):
+        header = headers[path] if path in headers else _safetensors_header(path, flag)
+        shapes.update({name: (list(info["shape"]), path) for name, info in header.items()})
+    if shapes:
+        check_weights_match_config(shapes, load_model_config(src, flag), folder / "config.json", flag)
+
+
+_LAYER_KEY = re.compile(r"^(?P<prefix>(?:[A-Za-z_]\w*\.)+?)(?P<index>\d+)\.")
+
+
+def check_weights_match_config(shapes: dict, model_config, config_path: Path, flag: str) -> None:
+    """The weights (``shapes``: name -> (shape, file)) hold every decoder layer config.json asks for, and every
+    tensor the model and the weights both name has the same shape in both."""
+    layers = getattr(model_config.get_text_config(), "num_hidden_layers", None)
+    indices = {}  # the key prefix before the first number (e.g. 'model.layers.') -> layer indices found
+    for name in shapes:
+        match = _LAYER_KEY.match(name)
+        if match:
+            indices.setdefault(match["prefix"], set()).add(int(match["index"]))
+    if layers and indices:
+        prefix, found = max(indices.items(), key=lambda kv: len(kv[1]))  # the decoder stack: the longest list
+        absent = sorted(set(range(layers)) - found)
+        if absent:  # more layers in the weights than asked for is not an error: some models keep extra ones
+            files = sorted({f.name for name, (_, f) in shapes.items() if name.startswith(prefix)})
+            raise ConfigError(f"{flag}: {config_path} asks for {layers} decoder layers (num_hidden_layers) but the "
+                              f"weights ({', '.join(files)}) hold {len(found & set(range(layers)))}: "
+                              f"{_ranges(absent)} would start from random weights and be trained; fix "
+                              "num_hidden_layers or use the model's own weight files")
+    if getattr(model_config, "quantization_config", None):
+        return  # pre-quantized weights are stored packed: their shapes are not the model's
+    expected, prefix = _parameter_shapes(model_config)
+    for name, (shape, file) in shapes.items():
+        want = expected.get(name, expected.get(f"{prefix}.{name}"))
+        if want is not None and list(want) != shape:
+            raise ConfigError(f"{flag}: {file} holds {name} with shape {shape}, but {config_path} describes a "
+                              f"model whose {name} has shape {list(want)}: the config does not match the weights "
+                              "(re-download the model or restore its config.json)")
+
+
+def _parameter_shapes(model_config) -> Tuple[dict, str]:
+    """Parameter and buffer shapes of the model config.json describes, built on the meta device (no memory,
+    no weights read), and the model's base_model_prefix (weights saved from the base model lack it); {}
+    when the architecture cannot be built that way (from_pretrained then reports why itself)."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(model_config)
+    except Exception:  # noqa: BLE001 - e.g. remote code: from_pretrained gives the real error later
+        return {}, ""
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}, getattr(model, "base_model_prefix", "")
+
+
+def _ranges(numbers: list) -> str:
+    """[2, 3, 4, 7] -> 'layers 2-4, 7'."""
+    spans, start = [], numbers[0]
+    for prev, cur in zip(numbers, numbers[1:] + [None]):
+        if cur != prev + 1:
+            spans.append(str(start) if start == prev else f"{start}-{prev}")
+            start = cur
+    return ("layer " if len(numbers) == 1 else "layers ") + ", ".join(spans)
 
 
 def check_against_model_config(train_config, model_config) -> None:
