@@ -31,7 +31,7 @@ from shardtune.configs.run import RunConfigs
 from shardtune.errors import SaveError
 from shardtune.model_checkpointing import integrity, layout
 from shardtune.model_checkpointing.export import export_pretrained, read_export_info
-from shardtune.model_checkpointing.resume import FORMAT_VERSION, ResumePoint
+from shardtune.model_checkpointing.resume import ResumePoint
 from shardtune.model_checkpointing.weights import ModelState, TrainedObjects
 from shardtune.utils import distributed
 from shardtune.utils.distributed import DistInfo
@@ -159,7 +159,7 @@ class Checkpointer:
     def _write_state(self, folder: Path, state, export_due: bool) -> None:
         """state.json: progress and everything small that resuming needs (rank 0)."""
         t, parts = self.run.train, self.parts
-        info = {"format": FORMAT_VERSION, "checkpoint_type": self.checkpoint_type.name,
+        info = {"format": layout.FORMAT_VERSION, "checkpoint_type": self.checkpoint_type.name,
                 "run_id": self.run_id, "train_state": state.to_dict(), "world_size": self.info.world_size,
                 "data_layout": layout.data_layout(self.run, self.info.world_size),
                 "lr_scheduler": parts.lr_scheduler.state_dict() if parts.lr_scheduler is not None else None,

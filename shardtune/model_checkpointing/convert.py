@@ -25,6 +25,7 @@ from typing import Optional
 import torch
 
 from shardtune.errors import ConfigError
+from shardtune.utils.logging import warn
 
 
 def _resolve_checkpoint(path: Path) -> Path:
@@ -43,8 +44,8 @@ def _resolve_checkpoint(path: Path) -> Path:
     if verdict.problems:
         raise ConfigError(f"--checkpoint: {path} fails verification: {integrity.summary(verdict)}")
     if verdict.coverage is not integrity.Coverage.FULL:
-        print(f"warning: {path} has no {integrity.MANIFEST} (an older version's checkpoint): only "
-              f"{verdict.coverage.value} verified", file=sys.stderr)
+        warn(f"{path} has no {integrity.MANIFEST} (an older version's checkpoint): {verdict.coverage.value} of it "
+             f"verified")
     return path
 
 

@@ -30,6 +30,8 @@ RUN_CONFIG_FILE = "run_config.yaml"
 BEST_FILE = "best.json"
 RNG_DIR = "rng"
 STEP_PREFIX = "step_"
+FORMAT_VERSION = 2          # what this version writes (state.json "format"): manifest.json over every file
+READABLE_FORMATS = (1, 2)   # 1: checksums.json over the weight, optimizer and RNG files only (integrity.py)
 
 
 def checkpoint_root(run: RunConfigs) -> Path:

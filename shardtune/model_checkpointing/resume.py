@@ -27,14 +27,11 @@ from shardtune.configs.run import RunConfigs
 from shardtune.errors import ConfigError
 from shardtune.model_checkpointing import integrity
 from shardtune.model_checkpointing.integrity import Coverage
-from shardtune.model_checkpointing.layout import (STATE_FILE, checkpoint_root, data_layout, list_checkpoint_dirs,
-                                                  step_dir_name, step_of, try_read_state)
+from shardtune.model_checkpointing.layout import (READABLE_FORMATS, STATE_FILE, checkpoint_root, data_layout,
+                                                  list_checkpoint_dirs, step_dir_name, step_of, try_read_state)
 from shardtune.model_checkpointing.weights import MODEL_DIR
 from shardtune.utils import distributed
 from shardtune.utils.logging import log, warn
-
-FORMAT_VERSION = 2           # what this version writes: manifest.json over every file
-READABLE_FORMATS = (1, 2)    # 1: checksums.json over the weights only
 
 
 @dataclass(frozen=True)
