@@ -119,7 +119,7 @@ def main(**kwargs) -> dict:
         from shardtune.policies.fsdp import check_fsdp_config
 
         check_fsdp_config(run, dist_info)  # mesh sizes, CPU offload: one-line errors before anything is loaded
-    from shardtune.model_checkpointing.checkpoint import find_resume_point
+    from shardtune.model_checkpointing.resume import find_resume_point
 
     # --resume_from DIR | auto -> the checkpoint to continue from (None: from scratch)
     resume = find_resume_point(run, run_dir.previous_run_id, dist_info.world_size)
@@ -180,7 +180,8 @@ def main(**kwargs) -> dict:
     scaler = grad_scaler(precision, device)
 
     # 7. Train; checkpoints and the exported model are written from inside the loop (model_checkpointing/).
-    from shardtune.model_checkpointing.checkpoint import Checkpointer
+    from shardtune.model_checkpointing.checkpoint import Checkpointer, ExportSettings
+    from shardtune.model_checkpointing.weights import TrainedObjects
     from shardtune.observability.metrics import MetricsWriter
     from shardtune.training.loop import TrainContext, train
     from shardtune.training.preemption import StopRequest
@@ -209,8 +210,8 @@ def main(**kwargs) -> dict:
 
     # Resumable checkpoints (every --save_every_n_steps and per epoch) and the exported model / adapter
     # (<output_dir>/model); resuming restores model, optimizer, scheduler, progress and RNG.
-    checkpointer = Checkpointer(run, model, lm, optimizer, lr_scheduler, scaler, tokenizer, export_dtype, run_id,
-                                dist_info)
+    checkpointer = Checkpointer(run, TrainedObjects(model, lm, optimizer, lr_scheduler, scaler),
+                                ExportSettings(tokenizer, export_dtype), run_id, dist_info)
     distributed.on_rank0(lambda: start_run(run, run_dir, run_id), "record the run")
     # A full disk or a file-size limit during a save: one line, no temporary folders left (utils/disk.py).
     save_checkpoint = guard_saves(checkpointer, [checkpointer.root, output_dir])

@@ -26,7 +26,7 @@ def _logits(model_dir, adapter=None):
 
 def test_sharded_checkpoints_layout_and_pruning(tiny_llama_dir, tmp_path):
     """SHARDED_STATE_DICT every step, keep the last 2: DCP shards of both ranks, per-rank RNG, trainer state,
-    the run config, and state.json (written last) in simple step_* folders; nothing temporary left."""
+    the run config, state.json and the manifest (written last) in simple step_* folders; nothing temporary left."""
     out = tmp_path / "out"
     run_ranks(2, base_kwargs(tiny_llama_dir, out, max_train_step=4, save_every_n_steps=1, keep_last_n_checkpoints=2),
               tmp_path / "ranks")
@@ -34,7 +34,7 @@ def test_sharded_checkpoints_layout_and_pruning(tiny_llama_dir, tmp_path):
     assert sorted(p.name for p in root.iterdir()) == ["step_000003", "step_000004"]
     ckpt = root / "step_000004"
     names = {p.name for p in ckpt.iterdir()}
-    assert {".metadata", "__0_0.distcp", "__1_0.distcp", "rng", "checksums.json", "run_config.yaml",
+    assert {".metadata", "__0_0.distcp", "__1_0.distcp", "rng", "manifest.json", "run_config.yaml",
             "state.json"} <= names
     assert sorted(p.name for p in (ckpt / "rng").iterdir()) == ["rank_00000.pt", "rank_00001.pt"]
     state = json.loads((ckpt / "state.json").read_text())
@@ -47,20 +47,17 @@ def test_sharded_checkpoints_layout_and_pruning(tiny_llama_dir, tmp_path):
 
 
 def test_prune_keeps_the_best_checkpoint(tmp_path):
-    from shardtune.configs.parse import parse_cli
-    from shardtune.model_checkpointing.checkpoint import BEST_FILE, STATE_FILE, Checkpointer, list_checkpoints
+    from shardtune.model_checkpointing.layout import BEST_FILE, STATE_FILE, list_checkpoints, prune
 
-    run = parse_cli({"model_name": "unused", "output_dir": str(tmp_path), "keep_last_n_checkpoints": 2})
-    ckpt = Checkpointer.__new__(Checkpointer)
-    ckpt.run, ckpt.root, ckpt.run_id = run, tmp_path / "checkpoints" / "fine-tuned", None
+    root = tmp_path / "checkpoints" / "fine-tuned"
     for step in (1, 2, 3, 4):
-        d = ckpt.root / f"step_{step:06d}"
+        d = root / f"step_{step:06d}"
         d.mkdir(parents=True)
         (d / STATE_FILE).write_text(json.dumps({"train_state": {"step": step}}))
-    (ckpt.root / BEST_FILE).write_text(json.dumps({"checkpoint": "step_000001", "eval_loss": 1.0}))
-    ckpt.prune()
-    assert [p.name for p in list_checkpoints(ckpt.root)] == ["step_000001", "step_000003", "step_000004"]
-    assert [p.name for p in ckpt.root.iterdir() if p.name.startswith(".tmp")] == []  # deleted whole
+    (root / BEST_FILE).write_text(json.dumps({"checkpoint": "step_000001", "eval_loss": 1.0}))
+    prune(root, run_id=None, keep_n=2)
+    assert [p.name for p in list_checkpoints(root)] == ["step_000001", "step_000003", "step_000004"]
+    assert [p.name for p in root.iterdir() if p.name.startswith(".tmp")] == []  # deleted whole
 
 
 @pytest.mark.parametrize("peft", [False, True], ids=["full", "lora"])

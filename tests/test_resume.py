@@ -75,7 +75,7 @@ def test_resume_across_an_epoch_boundary_is_exact(tiny_llama_dir, tmp_path):
 
 
 def test_resume_flag_errors_and_auto_without_checkpoint(tmp_path):
-    from shardtune.model_checkpointing.checkpoint import find_resume_point
+    from shardtune.model_checkpointing.resume import find_resume_point
 
     auto = parse_cli({"model_name": "unused", "output_dir": str(tmp_path), "resume_from": "auto"})
     assert find_resume_point(auto) is None  # nothing saved yet: start from scratch
@@ -172,7 +172,7 @@ def test_mid_epoch_resume_with_another_world_size_is_refused(tiny_llama_dir, tmp
 def test_a_damaged_newest_checkpoint_is_skipped(damage, tiny_llama_dir, tmp_path, checkpoints_1_2_3):
     import shutil
 
-    from shardtune.model_checkpointing.checkpoint import find_resume_point
+    from shardtune.model_checkpointing.resume import find_resume_point
 
     out = tmp_path / "out"
     shutil.copytree(checkpoints_1_2_3, out)

@@ -111,8 +111,15 @@ class train_config:
                                   valid="[0, inf)")
     keep_last_n_checkpoints: int = doc(2, "Keep exactly the newest N checkpoints of this run (plus the best-eval one).",
                                        valid="[1, inf)", needs="save_model or save_every_n_steps")
-    resume_from: str = doc("", "Checkpoint folder to resume from, or 'auto' for the newest intact checkpoint of the "
-                               "run that owns output_dir (damaged ones are skipped with a warning).")
+    resume_from: str = doc("", "Checkpoint folder to resume from, or 'auto' for the newest checkpoint of the run that "
+                               "owns output_dir that passes verification against its manifest (one that fails is "
+                               "skipped with a warning naming the file; none passing: refused). A folder named here "
+                               "that fails is refused.")
+    resume_unverified: bool = doc(False, "Only meaningful with --resume_from DIR (refused with auto or without "
+                                         "--resume_from): resume that checkpoint although it has no manifest.json "
+                                         "(written before checksums existed, or its manifest was deleted), so "
+                                         "nothing of it is verified. A checkpoint with a manifest is verified "
+                                         "anyway.", needs="resume_from")
     overwrite_output_dir: bool = doc(False, "Start afresh in an output_dir that holds an earlier run's model or "
                                             "checkpoints, deleting them (without it such a run stops with one line).")
     save_metrics: bool = doc(False, "Append per-step and per-epoch metrics to <output_dir>/metrics_<time>.jsonl "

@@ -25,18 +25,27 @@ from typing import Optional
 import torch
 
 from shardtune.errors import ConfigError
+from shardtune.utils.logging import warn
 
 
 def _resolve_checkpoint(path: Path) -> Path:
-    from shardtune.model_checkpointing.checkpoint import STATE_FILE, is_complete, latest_checkpoint
+    """The checkpoint folder to convert, verified against its manifest (one line if it fails)."""
+    from shardtune.model_checkpointing import integrity
+    from shardtune.model_checkpointing.layout import STATE_FILE, is_complete, latest_checkpoint
 
     if path.is_dir() and not (path / STATE_FILE).is_file():
         latest = latest_checkpoint(path)
         if latest is not None:
-            return latest
+            path = latest
     if not is_complete(path):
         raise ConfigError(f"--checkpoint: {path} is not a complete checkpoint (a step_* folder with {STATE_FILE}) "
                           f"nor a folder holding one")
+    verdict = integrity.verify(path)
+    if verdict.problems:
+        raise ConfigError(f"--checkpoint: {path} fails verification: {integrity.summary(verdict)}")
+    if verdict.coverage is not integrity.Coverage.FULL:
+        warn(f"{path} has no {integrity.MANIFEST} (an older version's checkpoint): {verdict.coverage.value} of it "
+             f"verified")
     return path
 
 
@@ -59,8 +68,9 @@ def convert(checkpoint: Path, output: Path, model_name: Optional[str] = None, dt
     from shardtune.configs import precision as P
     from shardtune.configs.fsdp import StateDictType
     from shardtune.configs.parse import parse_cli
-    from shardtune.model_checkpointing.checkpoint import quiet_single_process, read_state
     from shardtune.model_checkpointing.export import export_pretrained
+    from shardtune.model_checkpointing.layout import RUN_CONFIG_FILE, read_state
+    from shardtune.model_checkpointing.weights import MODEL_DIR, quiet_single_process, stored_weight_names
     from shardtune.models.builder import WeightSource, build_model
     from shardtune.models.loading import ModelSource, load_model_config, load_tokenizer
     from shardtune.models.loss import CausalLMWithLoss
@@ -68,7 +78,7 @@ def convert(checkpoint: Path, output: Path, model_name: Optional[str] = None, dt
 
     checkpoint = _resolve_checkpoint(Path(checkpoint))
     info = read_state(checkpoint)
-    overrides = {"config": str(checkpoint / "run_config.yaml")}
+    overrides = {"config": str(checkpoint / RUN_CONFIG_FILE)}
     if model_name:
         overrides["model_name"] = model_name
     run = parse_cli(overrides, refuse_ineffective=False)
@@ -83,7 +93,7 @@ def convert(checkpoint: Path, output: Path, model_name: Optional[str] = None, dt
 
     if ckpt_type is StateDictType.FULL_STATE_DICT:
         # Already a Hugging Face / PEFT folder in the training dtype: load it and write it in out_dtype.
-        src = checkpoint / "model"
+        src = checkpoint / MODEL_DIR
         tokenizer = load_tokenizer(str(src))
         if info.get("use_peft"):
             import shutil
@@ -110,8 +120,7 @@ def convert(checkpoint: Path, output: Path, model_name: Optional[str] = None, dt
     model = CausalLMWithLoss(lm)
     cast_parameters(model, precision)
     # The checkpoint holds the weights that trained (frozen ones were not saved): read exactly those.
-    stored = {k[len("model."):] for k in dcp.FileSystemReader(str(checkpoint)).read_metadata().state_dict_metadata
-              if k.startswith("model.")}
+    stored = stored_weight_names(checkpoint)
     state = {"model": {k: v for k, v in get_model_state_dict(model).items() if k in stored}}
     missing = stored - set(state["model"])
     if missing:

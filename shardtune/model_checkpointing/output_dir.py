@@ -24,6 +24,7 @@ from typing import Dict, List, Optional
 
 from shardtune.configs.run import RunConfigs
 from shardtune.errors import ConfigError
+from shardtune.model_checkpointing.layout import checkpoint_root, list_checkpoint_dirs
 from shardtune.utils.io import TMP_MARKER, atomic_write_text, remove_tree
 from shardtune.utils.logging import log
 
@@ -70,8 +71,6 @@ def release_locks() -> None:
 
 def previous_results(run: RunConfigs) -> List[Path]:
     """What an earlier run left in this output folder: its model, its checkpoints, its run file."""
-    from shardtune.model_checkpointing.checkpoint import checkpoint_root, list_checkpoint_dirs
-
     out = Path(run.train.output_dir)
     found = [p for p in (out / MODEL_DIR, out / RUN_FILE) if p.exists()]
     return found + list_checkpoint_dirs(checkpoint_root(run))
@@ -118,8 +117,6 @@ def start_run(run: RunConfigs, run_dir: RunDir, run_id: str) -> None:
 
 def remove_leftovers(run: RunConfigs) -> None:
     """Temporary folders and files of saves that were killed (this run holds the lock, so none is live)."""
-    from shardtune.model_checkpointing.checkpoint import checkpoint_root
-
     out = Path(run.train.output_dir)
     places = [out, checkpoint_root(run)]
     stale = [p for place in places if place.is_dir() for p in place.iterdir() if p.name.startswith(TMP_MARKER)]

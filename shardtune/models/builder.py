@@ -25,7 +25,7 @@ class WeightSource:
     @classmethod
     def for_run(cls, run: RunConfigs, resume=None) -> "WeightSource":
         """--model_name and --from_peft_checkpoint, unless a FULL_STATE_DICT checkpoint being resumed holds
-        the model (full fine-tuning) or the adapter (PEFT) itself (model_checkpointing.checkpoint.ResumePoint)."""
+        the model (full fine-tuning) or the adapter (PEFT) itself (model_checkpointing.resume.ResumePoint)."""
         t = run.train
         model = str(resume.model_dir) if resume is not None and resume.model_dir else t.model_name
         adapter = str(resume.adapter_dir) if resume is not None and resume.adapter_dir else t.from_peft_checkpoint
