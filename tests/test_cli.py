@@ -16,7 +16,7 @@ from shardtune.configs import ShardingStrategy, StateDictType
 from shardtune.configs.parse import parse_cli
 from shardtune.configs.run import RunConfigs
 from shardtune.errors import ConfigError
-from shardtune.finetuning import cli
+from shardtune.cli import cli
 
 REPO = Path(__file__).resolve().parent.parent
 

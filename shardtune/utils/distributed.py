@@ -6,12 +6,16 @@ explicit (``is_main()``) instead of scattering ``if rank == 0`` tests.
 from __future__ import annotations
 
 import datetime
+import json
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
+
+from shardtune.utils.io import atomic_write_text
 
 
 @dataclass(frozen=True)
@@ -39,6 +43,32 @@ _TIMEOUT_S = 0.0  # the process group's timeout (setup)
 
 def launched_by_torchrun() -> bool:
     return "WORLD_SIZE" in os.environ and "RANK" in os.environ
+
+
+def under_elastic_agent() -> bool:
+    """Started by torchrun's elastic agent (torchrun or ``shardtune run``), which sets this for every worker."""
+    return "TORCHELASTIC_RUN_ID" in os.environ
+
+
+# `shardtune run` passes its workers a folder for their notes to it (shardtune/launch.py says why a folder)
+LAUNCHER_NOTES_ENV = "SHARDTUNE_LAUNCHER_NOTES"
+
+
+def tell_launcher(name: str, note: dict) -> bool:
+    """Write ``note`` (JSON) as ``name`` into the launcher's notes folder, atomically; False when there is none
+    (plain torchrun, one process)."""
+    folder = os.environ.get(LAUNCHER_NOTES_ENV)
+    if not folder or not os.path.isdir(folder):
+        return False
+    atomic_write_text(Path(folder) / name, json.dumps(note) + "\n")
+    return True
+
+
+def forget_launcher_note(name: str) -> None:
+    """Remove this process's note of an earlier attempt (a worker group restarted by --max_restarts)."""
+    folder = os.environ.get(LAUNCHER_NOTES_ENV)
+    if folder:
+        Path(folder, name).unlink(missing_ok=True)
 
 
 def env_world_size() -> int:
@@ -125,6 +155,13 @@ def describe_timeout(exc: BaseException) -> Optional[str]:
         return None
     who = _HEARTBEAT.silent_ranks() if _HEARTBEAT is not None else "no heartbeat to tell which rank"
     return f"a collective timed out after {_TIMEOUT_S:.0f} s (--dist_timeout_s): {who}"
+
+
+def end_stopped_peers() -> None:
+    """After a timeout: kill the ranks on this host that are stopped (SIGSTOP, state T). The launcher would do it
+    too, but only after sending SIGTERM (which a stopped process never sees) and its 30 s shutdown grace."""
+    if _HEARTBEAT is not None:
+        _HEARTBEAT.end_stopped_local_ranks()
 
 
 def info() -> DistInfo:
