@@ -14,8 +14,8 @@ import os
 import sys
 import time
 import traceback
-from dataclasses import dataclass
-from typing import Callable, Optional
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Tuple
 
 from shardtune.errors import (EXIT_FAILED, EXIT_OK, EXIT_PREEMPTED, EXIT_USAGE, ConfigError, SaveError,
                               TrainingDiverged, first_line)
@@ -27,6 +27,7 @@ from shardtune.utils import distributed
 from shardtune.utils.logging import warn
 
 RANK0_FIRST_S = 2.0  # how long other ranks wait before exiting on a config error (rank 0 prints it)
+_LAUNCHER_PID = os.getppid()  # under `shardtune run`: the launcher, which prints the line while it lives
 
 
 def entry(argv=None) -> int:
@@ -108,6 +109,8 @@ class Ending:
     line: str = ""
     every_rank: bool = False
     traced: bool = False  # --debug printed the traceback instead of the line
+    ended_ranks: Tuple[int, ...] = ()  # stopped peers this rank ends (their death is no cause of its own)
+    at: float = field(default_factory=time.time)
     close: Callable[[], None] = lambda: None
 
     @property
@@ -145,16 +148,18 @@ def _train(argv) -> Ending:
         first = first_line(exc)
         what = distributed.describe_timeout(exc) or (
             first if isinstance(exc, SaveError) else f"{type(exc).__name__}: {first} (--debug shows the traceback)")
-        distributed.end_stopped_peers()  # what the launcher would do only after its 30 s shutdown grace
-        return Ending(EXIT_FAILED, f"error: {where}{what}", every_rank=True, traced=debug)
+        stopped = distributed.stopped_peers()  # ended once this rank's line is out (the launcher then stops it)
+        return Ending(EXIT_FAILED, f"error: {where}{what}", every_rank=True, traced=debug, ended_ranks=tuple(stopped),
+                      close=lambda: distributed.end_peers(stopped))
     return Ending(EXIT_OK)
 
 
 def _finish(ending: Ending) -> None:
     """Record the outcome (rank 0, run.json), tell the launcher, print the line (the launcher prints it instead)."""
     recorded = record_outcome(ending.outcome)  # only in the process that claimed the output folder
-    told = distributed.tell_launcher(f"rank{distributed.env_rank()}.json", {
-        "status": ending.status, "line": ending.line, "outcome_recorded": recorded, "time": time.time()})
+    told = os.getppid() == _LAUNCHER_PID and distributed.tell_launcher(f"rank{distributed.env_rank()}.json", {
+        "status": ending.status, "line": ending.line, "outcome_recorded": recorded, "time": ending.at,
+        "ended_ranks": list(ending.ended_ranks)})
     if ending.line and not ending.traced and not told and (ending.every_rank or distributed.is_main()):
         _say(ending.line)
 

@@ -100,6 +100,7 @@ class WorkerEnd:
     line: str
     time: float
     outcome_recorded: bool = False
+    ended_ranks: tuple = ()  # stopped peers it killed (utils/heartbeat.py)
 
 
 def read_notes(folder: Path) -> Dict[int, WorkerEnd]:
@@ -107,19 +108,21 @@ def read_notes(folder: Path) -> Dict[int, WorkerEnd]:
     for path in folder.glob("rank*.json"):
         note = json.loads(path.read_text())
         rank = int(path.stem[len("rank"):])
-        ends[rank] = WorkerEnd(rank, note["status"], note["line"], note["time"], note["outcome_recorded"])
+        ends[rank] = WorkerEnd(rank, note["status"], note["line"], note["time"], note["outcome_recorded"],
+                               tuple(note["ended_ranks"]))
     return ends
 
 
 def died(failures: dict, ends: Dict[int, WorkerEnd], expected: int) -> List[WorkerEnd]:
-    """The workers that ended without a note: from torchrun's record of their exit where it has one."""
-    gone = []
+    """The workers that ended without a note: from torchrun's record of their exit where it has one. A stopped
+    worker that a peer killed is no cause of its own: the peer's line names it."""
+    gone, ended_by_peer = [], {r for e in ends.values() for r in e.ended_ranks}
     for rank, failure in sorted(failures.items()):
-        if rank not in ends:
+        if rank not in ends and rank not in ended_by_peer:
             how = (f"was killed by {failure.signal_name()}" if failure.exitcode < 0
                    else f"exited with status {failure.exitcode} without saying why")
             gone.append(WorkerEnd(rank, EXIT_FAILED, f"error: rank {rank} {how}", failure.timestamp))
-    missing = expected - len(ends) - len(gone)
+    missing = expected - len(ends) - len(gone) - len(ended_by_peer)
     if missing > 0:  # torchrun had no record either (the launcher was signalled and SIGKILLed them)
         gone.append(WorkerEnd(-1, EXIT_FAILED, f"error: {missing} worker(s) ended without a status (killed?)",
                               float("inf")))
@@ -152,6 +155,13 @@ def record_if_rank0_could_not(folder: Path, ends: Dict[int, WorkerEnd], ending: 
         record_outcome_at(Path(where["path"]), where["run_id"], ending.outcome)
 
 
+def _quiet_torchelastic() -> None:
+    """torchelastic sets a level on each of its loggers (so a parent's level does not reach them): set them all."""
+    for name in list(logging.root.manager.loggerDict):
+        if name.startswith(REPORT_LOGGERS):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+
+
 def launch_cli(argv: List[str]) -> int:
     """``shardtune run ...``: launch, wait, return the job's exit status (module docstring)."""
     parser = _parser()
@@ -174,8 +184,7 @@ def launch_cli(argv: List[str]) -> int:
     args.module, args.training_script_args = True, flags
     debug = _wants_debug(flags)
     if not debug:
-        for name in REPORT_LOGGERS:
-            logging.getLogger(name).setLevel(logging.CRITICAL)
+        _quiet_torchelastic()
     folder = Path(tempfile.mkdtemp(prefix="shardtune-launch-"))
     os.environ[LAUNCHER_NOTES_ENV] = str(folder)
     failures = {}

@@ -101,8 +101,9 @@ class StopRequest:
         signum = self.agreed_signal()
         if not signum:
             return
-        log(f"--> {_reason(signum)} received: step {state.step} is done; saving a checkpoint "
-            "(send the signal again to stop at once)")
+        why = "the launcher died" if signum == LAUNCHER_DIED else \
+            f"{signal.Signals(signum).name} received (send the signal again to stop at once)"
+        log(f"--> {why}: step {state.step} is done; saving a checkpoint")
         path = saved
         if path is None and ctx.save_checkpoint is not None:
             path = ctx.save_checkpoint(state, "step")
@@ -117,7 +118,8 @@ def stop_when_launcher_dies(give_up: Callable[[str], None]) -> None:
     def launcher_died(pid: int) -> None:
         request = _active
         if request is not None:
-            log(f"--> the launcher (pid {pid}) died: stopping after this step (checkpoint), at most {GIVE_UP_AFTER_S:.0f} s")
+            log(f"--> the launcher (pid {pid}) died: stopping after this step (a checkpoint), within "
+                f"{GIVE_UP_AFTER_S:.0f} s")
             request.ask(LAUNCHER_DIED)
             time.sleep(GIVE_UP_AFTER_S)  # the main thread exits meanwhile (this thread is a daemon), normally
         what = "the checkpoint did not finish in time" if request is not None else "nothing to save yet"

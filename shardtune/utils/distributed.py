@@ -10,11 +10,12 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 
+from shardtune.utils import heartbeat
 from shardtune.utils.io import atomic_write_text
 
 
@@ -139,8 +140,6 @@ def setup(enable_fsdp: bool, timeout: Optional[float] = None) -> DistInfo:
         _INFO = DistInfo(dist.get_rank(), local_rank, dist.get_world_size(), device)
         if _INFO.world_size > 1:
             _PATIENT_GROUP = dist.new_group(backend="gloo", timeout=PATIENT_TIMEOUT)
-            from shardtune.utils import heartbeat
-
             _HEARTBEAT = heartbeat.start(_INFO.rank, _INFO.world_size)
     else:
         _INFO = DistInfo(0, 0, 1, device)
@@ -149,19 +148,21 @@ def setup(enable_fsdp: bool, timeout: Optional[float] = None) -> DistInfo:
 
 def describe_timeout(exc: BaseException) -> Optional[str]:
     """For a collective that timed out: which rank stopped answering (None: ``exc`` is no timeout)."""
-    from shardtune.utils import heartbeat
-
     if _INFO.world_size < 2 or not heartbeat.is_timeout(exc):
         return None
     who = _HEARTBEAT.silent_ranks() if _HEARTBEAT is not None else "no heartbeat to tell which rank"
     return f"a collective timed out after {_TIMEOUT_S:.0f} s (--dist_timeout_s): {who}"
 
 
-def end_stopped_peers() -> None:
-    """After a timeout: kill the ranks on this host that are stopped (SIGSTOP, state T). The launcher would do it
-    too, but only after sending SIGTERM (which a stopped process never sees) and its 30 s shutdown grace."""
-    if _HEARTBEAT is not None:
-        _HEARTBEAT.end_stopped_local_ranks()
+def stopped_peers() -> Dict[int, int]:
+    """After a timeout: rank -> pid of the ranks on this host that are stopped (SIGSTOP, state T). Nothing but
+    SIGKILL ends them: the launcher sends SIGTERM, which a stopped process never sees, and SIGKILLs only after its
+    30 s shutdown grace (utils/heartbeat.py). :func:`end_peers` does it at once."""
+    return _HEARTBEAT.stopped_local_ranks() if _HEARTBEAT is not None else {}
+
+
+def end_peers(stopped: Dict[int, int]) -> None:
+    heartbeat.kill(stopped.values())
 
 
 def info() -> DistInfo:

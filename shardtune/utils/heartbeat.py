@@ -79,19 +79,24 @@ class Heartbeat:
         return ", ".join(silent)
 
 
-    def end_stopped_local_ranks(self) -> None:
-        """SIGKILL the silent ranks that are stopped processes on this host (module docstring)."""
+    def stopped_local_ranks(self) -> Dict[int, int]:
+        """rank -> pid of the silent ranks that are stopped processes on this host (module docstring)."""
         try:
             stamps = self._stamps()
         except Exception:  # noqa: BLE001 - no store: nothing known about the others
-            return
+            return {}
         here, now = socket.gethostname(), time.time()
-        for rank, (last, pid, host) in stamps.items():
-            if rank != self.rank and host == here and now - last > SILENT_AFTER_S and _is_stopped(pid):
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except OSError:
-                    pass
+        return {rank: pid for rank, (last, pid, host) in stamps.items()
+                if rank != self.rank and host == here and now - last > SILENT_AFTER_S and _is_stopped(pid)}
+
+
+def kill(pids) -> None:
+    """SIGKILL: the one signal a stopped process does not hold back."""
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
 
 
 def _is_stopped(pid: int) -> bool:
