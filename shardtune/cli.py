@@ -1,7 +1,8 @@
 """The console entry points.
 
 * ``shardtune run [launcher options] [finetuning flags]``: several processes (torchrun's launcher; shardtune/launch.py).
-* ``shardtune [finetuning flags]``, ``python finetuning.py ...``: one process, or one worker under torchrun (:func:`cli`).
+* ``shardtune [finetuning flags]``, ``python finetuning.py ...``: one process, or one worker under torchrun
+  (:func:`cli`).
 
 :func:`cli` turns how the run ended into an exit status and one line (``error: ...`` or the preemption line), with
 no traceback unless ``--debug``: a ConfigError exits 2 (printed once, by rank 0), a stop on request 75, divergence
@@ -136,7 +137,8 @@ def _train(argv) -> Ending:
             traceback.print_exc()
         elif not distributed.is_main():  # torchrun stops the other ranks as soon as one exits: let rank 0 print first
             time.sleep(RANK0_FIRST_S)
-        return Ending(EXIT_USAGE, f"error: {exc}", traced=debug)  # every rank meets the same bad input: rank 0 says it once
+        # every rank meets the same bad input: rank 0 says it once
+        return Ending(EXIT_USAGE, f"error: {exc}", traced=debug)
     except TrainingDiverged as exc:  # every rank saw the same global loss: say it once; nothing was saved
         return Ending(EXIT_FAILED, f"error: {exc}", close=distributed.abort)
     except (KeyboardInterrupt, SystemExit):

@@ -47,8 +47,8 @@ class Preempted(Exception):
     def __init__(self, signum: int, step: int, checkpoint: Optional[str]):
         self.signum, self.step, self.checkpoint = signum, step, checkpoint
         where = f"checkpoint saved to {checkpoint}" if checkpoint else "no checkpoint (saving is off)"
-        super().__init__(f"stopped by {_reason(signum)} after step {step}: {where}; to continue, rerun the same command "
-                         "with --resume_from auto")
+        super().__init__(f"stopped by {_reason(signum)} after step {step}: {where}; to continue, rerun the same "
+                         "command with --resume_from auto")
 
 
 class StopRequest:
