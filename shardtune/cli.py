@@ -21,7 +21,7 @@ from typing import Callable, Optional, Tuple
 from shardtune.errors import (EXIT_FAILED, EXIT_OK, EXIT_PREEMPTED, EXIT_USAGE, ConfigError, SaveError,
                               TrainingDiverged, first_line)
 from shardtune.finetuning import main
-from shardtune.model_checkpointing.output_dir import record_outcome
+from shardtune.model_checkpointing.output_dir import forget_claim, record_outcome
 from shardtune.training import preemption
 from shardtune.training.preemption import Preempted
 from shardtune.utils import distributed
@@ -178,6 +178,7 @@ def cli(argv=None) -> int:
     for name in sorted({n for n in names if names.count(n) > 1}):
         warn(f"--{name} is given {names.count(name)} times; the last value is used")
     distributed.forget_launcher_note(f"rank{distributed.env_rank()}.json")  # a restarted worker group's old one
+    forget_claim()  # an earlier run in this process (main() called directly) is no business of this one
     if distributed.under_elastic_agent():  # torchrun or `shardtune run`: a dead launcher stops this worker
 
         def give_up(line: str) -> None:

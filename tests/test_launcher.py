@@ -2,7 +2,8 @@
 
 * The job's exit status is the workers': 2 for a bad flag, 75 when stopped by SIGTERM (and ``--resume_from auto``
   then completes with 0), 1 for a failure (divergence, for real: ``--lr 1e30``); the last line is the workers' one
-  line, with no traceback and no torchrun report; run.json records the outcome of each.
+  line, with no traceback and no torchrun report; run.json records the outcome of each (and of a usage error found
+  once the output folder is claimed).
 * ``kill -9`` of the launcher (torchrun's and ``shardtune run``): the workers notice, checkpoint and exit; none is
   alive 10 s later, and every checkpoint in the output folder is intact.
 """
@@ -98,6 +99,22 @@ def test_a_diverged_run_is_status_1_and_run_json_says_why(tiny_llama_dir, tmp_pa
     assert line.startswith("error: ") and "diverged" in line
     assert_no_report(out_dir)
     assert outcome(out_dir)["outcome"] == "failed: " + line.removeprefix("error: ")
+
+
+def test_run_json_records_a_usage_error_found_after_the_folder_was_claimed(tiny_llama_dir, tmp_path, capsys):
+    from shardtune.cli import cli
+
+    out_dir = tmp_path / "out"
+    flags = cli_args(base_kwargs(tiny_llama_dir, out_dir, enable_fsdp=False, max_train_step=1, context_length=64))
+    assert cli(flags) == 0  # one process, in this one
+    first = outcome(out_dir)
+    assert first["outcome"] == "completed"
+    capsys.readouterr()
+    assert cli([*flags, "--resume_from", str(tmp_path / "nowhere")]) == 2  # found once the folder is claimed
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith("error: --resume_from")
+    assert outcome(out_dir) == {**first, "outcome": "failed: " + line.removeprefix("error: "),
+                                "ended_at": outcome(out_dir)["ended_at"]}
 
 
 def _alive(pid: int) -> bool:

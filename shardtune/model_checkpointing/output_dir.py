@@ -132,8 +132,16 @@ def _own_run_file(output_dir: Path, run_id: str) -> None:
 
 
 def record_outcome(outcome: str) -> bool:
-    """Record how this process's run ended in its run.json; False when this process claimed no run."""
-    return _this_run is not None and record_outcome_at(*_this_run, outcome)
+    """Record how this process's run ended in its run.json, once; False when this process claimed no run."""
+    claimed = forget_claim()
+    return claimed is not None and record_outcome_at(*claimed, outcome)
+
+
+def forget_claim() -> Optional[Tuple[Path, str]]:
+    """Forget (and return) the run this process claimed: a new run in the same process starts unclaimed."""
+    global _this_run
+    claimed, _this_run = _this_run, None
+    return claimed
 
 
 def record_outcome_at(run_file: Path, run_id: str, outcome: str) -> bool:
