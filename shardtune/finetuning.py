@@ -13,10 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import sys
 import time
-import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, List, Optional, Tuple
@@ -30,7 +27,7 @@ from shardtune.configs.presets import DEMO_PRESET
 from shardtune.configs.run import RunConfigs
 from shardtune.data.loader import build_dataloader, check_batch_fits, is_packed
 from shardtune.datasets import get_custom_data_collator, get_preprocessed_dataset
-from shardtune.errors import EXIT_PREEMPTED, ConfigError, first_line
+from shardtune.errors import ConfigError
 from shardtune.model_checkpointing.checkpoint import Checkpointer, ExportSettings
 from shardtune.model_checkpointing.output_dir import (RunDir, claim_output_dir, lock_new_output_dir, release_locks,
                                                      start_run)
@@ -53,12 +50,12 @@ from shardtune.policies.fsdp import check_fsdp_config, wrap_model
 from shardtune.policies.mixed_precision import autocast, grad_scaler
 from shardtune.policies.optimizer import build_lr_scheduler, build_optimizer
 from shardtune.training.loop import TrainContext, train
-from shardtune.training.preemption import Preempted, StopRequest
+from shardtune.training.preemption import StopRequest
 from shardtune.utils import distributed
 from shardtune.utils.disk import guard_saves, warn_if_low_disk
 from shardtune.utils.distributed import DistInfo, configure_cuda_allocator
 from shardtune.utils.io import atomic_write_text, remove_new_files_on_error
-from shardtune.utils.logging import log, warn
+from shardtune.utils.logging import log
 from shardtune.utils.rng import seed_everything
 
 
@@ -280,112 +277,3 @@ def write_summary(summary: dict, output_dir: Path, dist_info: DistInfo) -> None:
         atomic_write_text(output_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
         log("--> summary: " + ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
                                         for k, v in summary.items()))
-
-
-RANK0_FIRST_S = 2.0  # how long other ranks wait before exiting on a config error (rank 0 prints it)
-
-
-def _run_without_result(*positional, **kwargs) -> None:
-    if positional:  # fire would train first and only then complain about the leftover argument
-        raise ConfigError(f"unexpected argument {positional[0]!r}: options are given as --name value (is a --flag "
-                          "missing before it?); see --help")
-    main(**kwargs)  # fire would print a returned dict
-
-
-def _flag_names(argv) -> list:
-    return [token[2:].split("=", 1)[0].replace("-", "_") for token in argv if token.startswith("--")]
-
-
-def _wants_debug(argv) -> bool:
-    """--debug, --debug True, --debug=1 (read before parsing, so that parse errors show a traceback too)."""
-    for i, token in enumerate(argv):
-        name, eq, value = token[2:].partition("=")
-        if token.startswith("--") and name.replace("-", "_") in ("debug", "train_config.debug"):
-            if not eq:
-                value = argv[i + 1] if i + 1 < len(argv) and not argv[i + 1].startswith("--") else "true"
-            return value.strip().lower() in ("true", "1", "yes", "y", "on")
-    return False
-
-
-def _say(line: str) -> None:
-    """The run's last line, on stderr and on a line of its own even when a progress bar is open."""
-    from tqdm import tqdm
-
-    tqdm.write(line, file=sys.stderr)
-    sys.stderr.flush()
-
-
-def _help_topic(argv) -> Optional[str]:
-    """``--help fsdp_config`` / ``--help=fsdp_config``: the config to show alone (None: everything)."""
-    for i, token in enumerate(argv):
-        name, eq, value = token.partition("=")
-        if name in ("-h", "--help", "-help"):
-            if eq:
-                return value
-            return argv[i + 1] if i + 1 < len(argv) and not argv[i + 1].startswith("-") else None
-    return None
-
-
-def _print_help(topic: Optional[str]) -> int:
-    from shardtune.configs.help import format_help
-
-    try:
-        text = format_help(topic)
-    except ConfigError as exc:
-        _say(f"error: {exc}")
-        return 2
-    try:
-        print(text, flush=True)
-    except BrokenPipeError:  # `--help | head`: the reader left; send the rest (and the exit flush) nowhere
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-    return 0
-
-
-def cli(argv=None) -> int:
-    """Console entry: ``--help [CONFIG]`` prints the usage and every config's fields (or one config's). A ConfigError prints one line (rank 0) and exits
-    2; any other error prints one line per rank and exits 1. ``--debug`` prints the traceback instead."""
-    argv = sys.argv[1:] if argv is None else argv
-    if any(a.partition("=")[0] in ("-h", "--help", "-help") for a in argv):
-        return _print_help(_help_topic(argv))
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    names = _flag_names(argv)
-    for name in sorted({n for n in names if names.count(n) > 1}):
-        warn(f"--{name} is given {names.count(name)} times; the last value is used")
-    import fire
-
-    from shardtune.errors import SaveError, TrainingDiverged
-
-    try:
-        fire.Fire(_run_without_result, command=argv, name="finetuning.py")
-    except Preempted as stop:  # every rank agreed to stop after the same step and the checkpoint is written
-        if distributed.is_main():
-            _say(str(stop))
-        distributed.cleanup()
-        return EXIT_PREEMPTED
-    except ConfigError as exc:
-        if _wants_debug(argv):
-            traceback.print_exc()
-        elif distributed.is_main():  # every rank meets the same bad input: say it once
-            _say(f"error: {exc}")
-        else:  # torchrun stops the other ranks as soon as one exits: let rank 0 print first
-            time.sleep(RANK0_FIRST_S)
-        return 2
-    except TrainingDiverged as exc:  # every rank saw the same global loss: say it once; nothing was saved
-        if distributed.is_main():
-            _say(f"error: {exc}")
-        distributed.abort()
-        return 1
-    except (KeyboardInterrupt, SystemExit):
-        raise
-    except BaseException as exc:  # noqa: BLE001 - one line per rank (DCP raises BaseExceptions); traceback on request
-        if _wants_debug(argv):
-            traceback.print_exc()
-        else:
-            where = f"[rank {distributed.info().rank}] " if distributed.info().world_size > 1 else ""
-            first = first_line(exc)
-            what = distributed.describe_timeout(exc) or (
-                first if isinstance(exc, SaveError) else f"{type(exc).__name__}: {first} (--debug shows the traceback)")
-            _say(f"error: {where}{what}")
-        return 1
-    return 0

@@ -12,11 +12,11 @@ import yaml
 from conftest import HANG_TIMEOUT_S
 
 from shardtune import configs as C
+from shardtune.cli import cli
 from shardtune.configs import ShardingStrategy, StateDictType
 from shardtune.configs.parse import parse_cli
 from shardtune.configs.run import RunConfigs
 from shardtune.errors import ConfigError
-from shardtune.finetuning import cli
 
 REPO = Path(__file__).resolve().parent.parent
 

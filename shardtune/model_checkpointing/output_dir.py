@@ -10,6 +10,10 @@
 * Every run has an id (``run.json``); checkpoints carry it, and ``--resume_from auto`` only picks
   checkpoints of the run that owns the folder.
 * Leftovers of killed saves (temporary folders and files) are removed once the lock is held.
+* When the run ends, run.json records its ``outcome``: ``completed``, ``preempted`` or ``failed: <the one
+  line>`` (shardtune/cli.py decides; rank 0 writes it, or ``shardtune run``'s launcher when rank 0 died without
+  writing it). Only into the run.json of this run (its id), so that a run rejected before it replaced an earlier
+  run's file leaves that file alone.
 """
 from __future__ import annotations
 
@@ -20,11 +24,12 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 from shardtune.configs.run import RunConfigs
 from shardtune.errors import ConfigError
 from shardtune.model_checkpointing.layout import checkpoint_root, list_checkpoint_dirs
+from shardtune.utils import distributed
 from shardtune.utils.io import TMP_MARKER, atomic_write_text, remove_tree
 from shardtune.utils.logging import log
 
@@ -32,6 +37,7 @@ RUN_FILE = "run.json"
 MODEL_DIR = "model"
 
 _held_locks: Dict[Path, int] = {}  # folder -> open descriptor: the lock lives as long as it does
+_this_run: Optional[Tuple[Path, str]] = None  # (run.json, run id) of the run this process claimed (rank 0)
 
 
 @dataclass(frozen=True)
@@ -94,6 +100,7 @@ def claim_output_dir(run: RunConfigs) -> RunDir:
     if exists:
         remove_leftovers(run)
     run_id = previous_id if (t.resume_from and previous_id) else uuid.uuid4().hex[:12]
+    _own_run_file(out, run_id)
     return RunDir(out, run_id, previous_id)
 
 
@@ -113,6 +120,40 @@ def start_run(run: RunConfigs, run_dir: RunDir, run_id: str) -> None:
                 remove_tree(path)
     atomic_write_text(run_dir.path / RUN_FILE, json.dumps({"run_id": run_id, "started_at": time.strftime(
         "%Y-%m-%dT%H:%M:%S")}) + "\n")
+    _own_run_file(run_dir.path, run_id)
+
+
+def _own_run_file(output_dir: Path, run_id: str) -> None:
+    """Remember whose run.json this process will record the outcome in, and tell `shardtune run`'s launcher."""
+    global _this_run
+    _this_run = (Path(output_dir).resolve() / RUN_FILE, run_id)
+    distributed.tell_launcher("run_file.json", {"path": str(_this_run[0]), "run_id": run_id})
+
+
+def record_outcome(outcome: str) -> bool:
+    """Record how this process's run ended in its run.json, once; False when this process claimed no run."""
+    claimed = forget_claim()
+    return claimed is not None and record_outcome_at(*claimed, outcome)
+
+
+def forget_claim() -> Optional[Tuple[Path, str]]:
+    """Forget (and return) the run this process claimed: a new run in the same process starts unclaimed."""
+    global _this_run
+    claimed, _this_run = _this_run, None
+    return claimed
+
+
+def record_outcome_at(run_file: Path, run_id: str, outcome: str) -> bool:
+    """Add ``outcome`` and the time to ``run_file`` (atomically) if it belongs to run ``run_id``."""
+    try:
+        record = json.loads(Path(run_file).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    if not isinstance(record, dict) or record.get("run_id") != run_id:
+        return False
+    record.update(outcome=outcome, ended_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
+    atomic_write_text(Path(run_file), json.dumps(record) + "\n")
+    return True
 
 
 def remove_leftovers(run: RunConfigs) -> None:

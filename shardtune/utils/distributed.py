@@ -6,12 +6,17 @@ explicit (``is_main()``) instead of scattering ``if rank == 0`` tests.
 from __future__ import annotations
 
 import datetime
+import json
 import os
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Sequence
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
+
+from shardtune.utils import heartbeat
+from shardtune.utils.io import atomic_write_text
 
 
 @dataclass(frozen=True)
@@ -39,6 +44,32 @@ _TIMEOUT_S = 0.0  # the process group's timeout (setup)
 
 def launched_by_torchrun() -> bool:
     return "WORLD_SIZE" in os.environ and "RANK" in os.environ
+
+
+def under_elastic_agent() -> bool:
+    """Started by torchrun's elastic agent (torchrun or ``shardtune run``), which sets this for every worker."""
+    return "TORCHELASTIC_RUN_ID" in os.environ
+
+
+# `shardtune run` passes its workers a folder for their notes to it (shardtune/launch.py says why a folder)
+LAUNCHER_NOTES_ENV = "SHARDTUNE_LAUNCHER_NOTES"
+
+
+def tell_launcher(name: str, note: dict) -> bool:
+    """Write ``note`` (JSON) as ``name`` into the launcher's notes folder, atomically; False when there is none
+    (plain torchrun, one process)."""
+    folder = os.environ.get(LAUNCHER_NOTES_ENV)
+    if not folder or not os.path.isdir(folder):
+        return False
+    atomic_write_text(Path(folder) / name, json.dumps(note) + "\n")
+    return True
+
+
+def forget_launcher_note(name: str) -> None:
+    """Remove this process's note of an earlier attempt (a worker group restarted by --max_restarts)."""
+    folder = os.environ.get(LAUNCHER_NOTES_ENV)
+    if folder:
+        Path(folder, name).unlink(missing_ok=True)
 
 
 def env_world_size() -> int:
@@ -109,8 +140,6 @@ def setup(enable_fsdp: bool, timeout: Optional[float] = None) -> DistInfo:
         _INFO = DistInfo(dist.get_rank(), local_rank, dist.get_world_size(), device)
         if _INFO.world_size > 1:
             _PATIENT_GROUP = dist.new_group(backend="gloo", timeout=PATIENT_TIMEOUT)
-            from shardtune.utils import heartbeat
-
             _HEARTBEAT = heartbeat.start(_INFO.rank, _INFO.world_size)
     else:
         _INFO = DistInfo(0, 0, 1, device)
@@ -119,12 +148,21 @@ def setup(enable_fsdp: bool, timeout: Optional[float] = None) -> DistInfo:
 
 def describe_timeout(exc: BaseException) -> Optional[str]:
     """For a collective that timed out: which rank stopped answering (None: ``exc`` is no timeout)."""
-    from shardtune.utils import heartbeat
-
     if _INFO.world_size < 2 or not heartbeat.is_timeout(exc):
         return None
     who = _HEARTBEAT.silent_ranks() if _HEARTBEAT is not None else "no heartbeat to tell which rank"
     return f"a collective timed out after {_TIMEOUT_S:.0f} s (--dist_timeout_s): {who}"
+
+
+def stopped_peers() -> Dict[int, int]:
+    """After a timeout: rank -> pid of the ranks on this host that are stopped (SIGSTOP, state T). Nothing but
+    SIGKILL ends them: the launcher sends SIGTERM, which a stopped process never sees, and SIGKILLs only after its
+    30 s shutdown grace (utils/heartbeat.py). :func:`end_peers` does it at once."""
+    return _HEARTBEAT.stopped_local_ranks() if _HEARTBEAT is not None else {}
+
+
+def end_peers(stopped: Dict[int, int]) -> None:
+    heartbeat.kill(stopped.values())
 
 
 def info() -> DistInfo:

@@ -5,14 +5,21 @@ So every rank runs a tiny daemon thread that stamps the time into the rendezvous
 or rank 0's TCPStore) once per second. A stopped process (SIGSTOP, a frozen node) stamps no more, while
 a rank blocked inside a collective keeps stamping (the wait releases the GIL). When a collective times
 out, the waiting ranks read the stamps and report the ranks that went silent.
+
+A stamp also names the rank's host and pid, so that a rank that finds a silent peer *stopped* on its own host
+(state T: SIGSTOP, a debugger) can end it with SIGKILL. Nothing else ends a stopped process: torchrun's agent
+sends SIGTERM, which stays pending while the process is stopped, and SIGKILLs only after its 30 s shutdown grace,
+so the job would outlive the timeout by those 30 s.
 """
 from __future__ import annotations
 
 import datetime
 import os
+import signal
+import socket
 import threading
 import time
-from typing import Optional
+from typing import Dict, Optional, Tuple
 
 import torch.distributed as dist
 
@@ -33,7 +40,17 @@ class Heartbeat:
         self._thread.start()
 
     def _beat(self) -> None:
-        self.store.set(KEY.format(rank=self.rank), repr(time.time()))
+        self.store.set(KEY.format(rank=self.rank), f"{time.time()!r} {os.getpid()} {socket.gethostname()}")
+
+    def _stamps(self) -> Dict[int, Tuple[float, int, str]]:
+        """rank -> (time of its last stamp, pid, host) for every rank that has stamped."""
+        stamps = {}
+        for rank in range(self.world_size):
+            key = KEY.format(rank=rank)
+            if self.store.check([key]):
+                when, pid, host = self.store.get(key).decode().split(" ", 2)
+                stamps[rank] = (float(when), int(pid), host)
+        return stamps
 
     def _run(self) -> None:
         while not self._stop.wait(INTERVAL_S):
@@ -49,9 +66,9 @@ class Heartbeat:
         """One phrase naming the ranks that stopped answering (read when a collective has timed out)."""
         now, silent = time.time(), []
         try:
+            stamps = self._stamps()
             for rank in range(self.world_size):
-                key = KEY.format(rank=rank)
-                last = float(self.store.get(key)) if self.store.check([key]) else None
+                last = stamps[rank][0] if rank in stamps else None
                 if last is None or now - last > SILENT_AFTER_S:
                     silent.append(f"rank {rank} stopped answering" + (f" (silent for {now - last:.0f} s)"
                                                                       if last is not None else ""))
@@ -60,6 +77,35 @@ class Heartbeat:
         if not silent:
             return "every rank is alive, so one of them is busy outside the collective (slow I/O?)"
         return ", ".join(silent)
+
+
+    def stopped_local_ranks(self) -> Dict[int, int]:
+        """rank -> pid of the silent ranks that are stopped processes on this host (module docstring)."""
+        try:
+            stamps = self._stamps()
+        except Exception:  # noqa: BLE001 - no store: nothing known about the others
+            return {}
+        here, now = socket.gethostname(), time.time()
+        return {rank: pid for rank, (last, pid, host) in stamps.items()
+                if rank != self.rank and host == here and now - last > SILENT_AFTER_S and _is_stopped(pid)}
+
+
+def kill(pids) -> None:
+    """SIGKILL: the one signal a stopped process does not hold back."""
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+
+
+def _is_stopped(pid: int) -> bool:
+    """Whether ``pid`` is a stopped process (state T or t in /proc; False where there is no /proc)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("T", "t")
+    except (OSError, IndexError):
+        return False
 
 
 def is_timeout(exc: BaseException) -> bool:
