@@ -1,6 +1,7 @@
-"""``python -m shardtune [run] ...``: the same as the ``shardtune`` console script (shardtune/cli.py)."""
+"""``python -m shardtune [run] ...``: the same as the ``shardtune`` console script (shardtune/commands.py)."""
 import sys
 
-from shardtune.cli import entry
+from shardtune.commands import entry
 
-sys.exit(entry())
+if __name__ == "__main__":
+    sys.exit(entry())

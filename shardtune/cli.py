@@ -1,8 +1,5 @@
-"""The console entry points.
-
-* ``shardtune run [launcher options] [finetuning flags]``: several processes (torchrun's launcher; shardtune/launch.py).
-* ``shardtune [finetuning flags]``, ``python finetuning.py ...``: one process, or one worker under torchrun
-  (:func:`cli`).
+"""One process's command line: ``python finetuning.py ...`` or ``shardtune [finetuning flags]`` (shardtune/commands.py),
+one process alone or one worker under torchrun / ``shardtune run`` (shardtune/launch.py).
 
 :func:`cli` turns how the run ended into an exit status and one line (``error: ...`` or the preemption line), with
 no traceback unless ``--debug``: a ConfigError exits 2 (printed once, by rank 0), a stop on request 75, divergence
@@ -29,16 +26,6 @@ from shardtune.utils.logging import warn
 
 RANK0_FIRST_S = 2.0  # how long other ranks wait before exiting on a config error (rank 0 prints it)
 _LAUNCHER_PID = os.getppid()  # under `shardtune run`: the launcher, which prints the line while it lives
-
-
-def entry(argv=None) -> int:
-    """The ``shardtune`` console script: ``shardtune run ...`` launches processes, anything else is one process."""
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["run"]:  # room for more commands (`shardtune plan`) beside it
-        from shardtune.launch import launch_cli  # here: launch imports this module (and torchrun's launcher)
-
-        return launch_cli(argv[1:])
-    return cli(argv)
 
 
 def _run_without_result(*positional, **kwargs) -> None:

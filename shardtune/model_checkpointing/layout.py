@@ -18,12 +18,16 @@ Layout (never built from the model name)::
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import uuid
 from pathlib import Path
 from typing import List, Optional
 
 from shardtune.configs.run import RunConfigs
 from shardtune.errors import first_line
-from shardtune.utils.io import TMP_MARKER, atomic_write_text, remove_tree
+from shardtune.utils.io import TMP_MARKER, atomic_write_text
+from shardtune.utils.logging import warn
 
 STATE_FILE = "state.json"
 RUN_CONFIG_FILE = "run_config.yaml"
@@ -128,3 +132,30 @@ def prune(root: Path, run_id: Optional[str], keep_n: int) -> None:
     for path in found[:-keep_n] if keep_n else []:
         if path.name != best:
             remove_tree(path)
+
+
+def remove_tree(path: Path) -> bool:
+    """Delete a folder (or file) so that no half-deleted copy can be mistaken for a whole one: it is renamed
+    to a temporary name first. Failures are reported, not hidden. Returns whether it is gone."""
+    path = Path(path)
+    if not path.exists():
+        return True
+    doomed = path
+    if not path.name.startswith(TMP_MARKER):
+        doomed = path.with_name(f"{TMP_MARKER}del-{uuid.uuid4().hex[:8]}-{path.name}")
+        try:
+            os.rename(path, doomed)
+        except OSError as exc:
+            warn(f"could not remove {path}: {exc.strerror}")
+            return False
+    errors = []
+    if doomed.is_dir():
+        shutil.rmtree(doomed, onerror=lambda fn, p, exc: errors.append(f"{p}: {exc[1]}"))
+    else:
+        try:
+            doomed.unlink()
+        except OSError as exc:
+            errors.append(f"{doomed}: {exc.strerror}")
+    if errors:
+        warn(f"could not fully remove {path} (now {doomed}): {errors[0]}")
+    return not errors

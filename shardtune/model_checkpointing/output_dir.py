@@ -28,9 +28,9 @@ from typing import Dict, List, Optional, Tuple
 
 from shardtune.configs.run import RunConfigs
 from shardtune.errors import ConfigError
-from shardtune.model_checkpointing.layout import checkpoint_root, list_checkpoint_dirs
+from shardtune.model_checkpointing.layout import checkpoint_root, list_checkpoint_dirs, remove_tree
 from shardtune.utils import distributed
-from shardtune.utils.io import TMP_MARKER, atomic_write_text, remove_tree
+from shardtune.utils.io import TMP_MARKER, atomic_write_text
 from shardtune.utils.logging import log
 
 RUN_FILE = "run.json"

@@ -14,8 +14,6 @@ import uuid
 from pathlib import Path
 from typing import Iterator, Union
 
-from shardtune.utils.logging import warn
-
 PathLike = Union[str, Path]
 TMP_MARKER = ".tmp-"
 
@@ -97,28 +95,3 @@ def remove_new_files_on_error(folder: PathLike, errors=(Exception,)) -> Iterator
         raise
 
 
-def remove_tree(path: Path) -> bool:
-    """Delete a folder (or file) so that no half-deleted copy can be mistaken for a whole one: it is renamed
-    to a temporary name first. Failures are reported, not hidden. Returns whether it is gone."""
-    path = Path(path)
-    if not path.exists():
-        return True
-    doomed = path
-    if not path.name.startswith(TMP_MARKER):
-        doomed = path.with_name(f"{TMP_MARKER}del-{uuid.uuid4().hex[:8]}-{path.name}")
-        try:
-            os.rename(path, doomed)
-        except OSError as exc:
-            warn(f"could not remove {path}: {exc.strerror}")
-            return False
-    errors = []
-    if doomed.is_dir():
-        shutil.rmtree(doomed, onerror=lambda fn, p, exc: errors.append(f"{p}: {exc[1]}"))
-    else:
-        try:
-            doomed.unlink()
-        except OSError as exc:
-            errors.append(f"{doomed}: {exc.strerror}")
-    if errors:
-        warn(f"could not fully remove {path} (now {doomed}): {errors[0]}")
-    return not errors
