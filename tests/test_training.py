@@ -205,17 +205,17 @@ def test_pick_attention_for_each_device_and_package(monkeypatch):
     (The GPU itself cannot exist here: the device is only a torch.device, and find_spec is faked.)"""
     import importlib.util
 
-    from shardtune.models import loading as model_utils
+    from shardtune.models import loading
 
     cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
     real_find_spec = importlib.util.find_spec
     for installed in (True, False):
         monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: (
             (object() if installed else None) if name == "flash_attn" else real_find_spec(name, *a)))
-        assert model_utils.pick_attention("auto", True, cuda) == ("flash_attention_2" if installed else "flex_attention")
-        assert model_utils.pick_attention("auto", True, cpu) == "sdpa"
-        assert model_utils.pick_attention("auto", False, cuda) == "flex_attention"
-        assert model_utils.pick_attention("auto", False, cpu) == "sdpa"
+        assert loading.pick_attention("auto", True, cuda) == ("flash_attention_2" if installed else "flex_attention")
+        assert loading.pick_attention("auto", True, cpu) == "sdpa"
+        assert loading.pick_attention("auto", False, cuda) == "flex_attention"
+        assert loading.pick_attention("auto", False, cpu) == "sdpa"
 
 
 def test_use_fast_kernels_trains_like_eager_attention(tiny_llama_dir, tmp_path, capsys, monkeypatch):

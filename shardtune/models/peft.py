@@ -59,7 +59,7 @@ def _adaption_prompt_types():
 def apply_peft(model, run: RunConfigs, adapter: Optional[str] = None, trainable: bool = True,
                flag: str = "--from_peft_checkpoint"):
     """Wrap ``model`` in a PeftModel: fresh adapters from the run's PEFT config, or those in the ``adapter``
-    folder (--from_peft_checkpoint, or a resumed checkpoint's: model_builder.WeightSource). trainable=False
+    folder (--from_peft_checkpoint, or a resumed checkpoint's: models/builder.py: WeightSource). trainable=False
     loads the adapter for inference."""
     from peft import PeftModel, get_peft_model
 

@@ -1,6 +1,6 @@
 """Wrapping policy for FSDP2: which modules become their own FSDP unit.
 
-Every repeated decoder block (``model_utils.decoder_layers``: found from the model's
+Every repeated decoder block (``models/loading.py: decoder_layers``: found from the model's
 ``_no_split_modules``, so it is not tied to Llama) is one unit, and the root (the
 ``CausalLMWithLoss`` wrapper) is the last unit, holding what is left: embeddings, final norm, output
 layer. A unit's parameters are all-gathered together before its forward and freed after it, so peak
