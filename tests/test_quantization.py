@@ -48,7 +48,7 @@ def test_quantized_parameters_are_never_cast():
     """UnitPlacer and the pure-bf16 cast leave bitsandbytes weights alone (their dtype is a storage view of packed
     bytes); every other parameter gets its dtype. Params4bit is recognised by class name, since bitsandbytes is an
     optional extra: the subclass below stands in for it (same name, a plain Parameter otherwise)."""
-    from shardtune.policies.fsdp import UnitPlacer
+    from shardtune.policies.placement import UnitPlacer
     from shardtune.policies.mixed_precision import cast_parameters
 
     class Params4bit(torch.nn.Parameter):

@@ -69,7 +69,7 @@ def test_allocator_setting_respects_the_user(monkeypatch):
 
 
 def test_unit_placer_keeps_trainable_masters_and_stores_frozen_weights_in_the_compute_dtype():
-    from shardtune.policies.fsdp import UnitPlacer
+    from shardtune.policies.placement import UnitPlacer
 
     model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4)).to(torch.bfloat16)  # as read from a bf16 checkpoint
     model[0].requires_grad_(False)
@@ -103,7 +103,7 @@ def test_unit_placer_gives_back_the_host_pages_of_the_weights_it_replaced(tmp_pa
     from conftest import save_llama
     from transformers import AutoModelForCausalLM
 
-    from shardtune.policies.fsdp import UnitPlacer, release_host_pages
+    from shardtune.policies.placement import UnitPlacer, release_host_pages
 
     d = save_llama(tmp_path / "m", hidden_size=512, intermediate_size=2048, num_attention_heads=8,
                    num_key_value_heads=8)  # fp32, one file; a decoder layer is 16.8 MB

@@ -252,7 +252,7 @@ def load_model(name: str, precision: str, device: torch.device, *, use_fast_kern
                attn_implementation: str = "auto", prompt_learning: bool = False, bnb_config=None,
                meta: bool = False, dtype: Optional[torch.dtype] = None, packing: bool = True):
     """A causal LM with master weights in the dtype ``precision`` asks for (or in ``dtype``: sharded runs
-    read the checkpoint's own dtype and upcast per FSDP unit on the GPU, see policies/fsdp.py: UnitPlacer).
+    read the checkpoint's own dtype and upcast per FSDP unit on the GPU, see policies/placement.py: UnitPlacer).
 
     meta=True builds the architecture on the meta device without reading weights (low_cpu_fsdp ranks
     other than 0 receive the weights later by broadcast).

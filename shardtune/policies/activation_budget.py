@@ -105,7 +105,7 @@ def estimate_step_memory(model: nn.Module, layers: List[nn.Module], precision: s
 
     ``shard_size``: ranks that share one copy of the parameters (1 without sharding). States per trainable
     parameter: parameter, gradient and AdamW's two moments, in the master dtype. Frozen parameters are stored
-    in the compute dtype under PEFT (``frozen_in_compute_dtype``, as policies/fsdp.py's UnitPlacer stores them), quantized
+    in the compute dtype under PEFT (``frozen_in_compute_dtype``, as policies/placement.py's UnitPlacer stores them), quantized
     ones as they are.
     """
     config = _text_config(model)
