@@ -28,7 +28,7 @@ def test_reference_flags_and_coercion():
         "fsdp_config.checkpoint_type": "StateDictType.FULL_STATE_DICT",
         "lora_config.target_modules": ("q_proj", "k_proj"),  # fire turns q_proj,k_proj into a tuple
         "alpaca_dataset.data_path": "x.json", "enable_fsdp": "true", "quantization_config.compute_dtype": "float16",
-        "wandb_config.tags": "a,b",
+        "quantization": "4bit", "wandb_config.tags": "a,b", "use_wandb": True,
     })
     assert run.train.lr == pytest.approx(3e-4) and run.train.batch_size_training == 2 and run.train.enable_fsdp
     assert run.fsdp.sharding_strategy is ShardingStrategy.HYBRID_SHARD
@@ -37,12 +37,12 @@ def test_reference_flags_and_coercion():
     assert run.dataset.data_path == "x.json"
     assert str(run.quantization.compute_dtype) == "torch.float16"
     assert run.wandb.tags == ["a", "b"]
-    assert parse_cli({"lora_config.target_modules": "[q_proj, v_proj, o_proj]"}).peft.target_modules == [
+    assert parse_cli({"use_peft": True, "lora_config.target_modules": "[q_proj, v_proj, o_proj]"}).peft.target_modules == [
         "q_proj", "v_proj", "o_proj"]
 
 
 def test_plain_key_goes_to_first_config_that_has_it():
-    run = parse_cli({"use_fp16": True, "r": 16, "bias": "lora_only", "task_type": "CAUSAL_LM"})
+    run = parse_cli({"use_fp16": True, "use_peft": True, "r": 16, "bias": "lora_only", "task_type": "CAUSAL_LM"})
     assert run.train.use_fp16 and not run.fsdp.use_fp16          # train_config first
     assert run.peft_configs["lora"].r == 16 and run.peft_configs["lora"].bias == "lora_only"
     run = parse_cli({"fsdp_config.use_fp16": True})
@@ -66,8 +66,9 @@ def test_plain_key_goes_to_first_config_that_has_it():
     ({"peft_method": "ia3"}, "--peft_method: unknown method 'ia3'"),
     ({"nosuch_config.x": 1}, "'nosuch_config' is not a config"),
     ({"fsdp_config.a.b": 1}, "use one dot"),
-    ({"lora_config.bias": "some"}, "--lora_config.bias: expected 'none', 'all' or 'lora_only'"),
-    ({"from_peft_checkpoint": "x"}, "--from_peft_checkpoint needs --use_peft"),
+    ({"lora_config.bias": "some"}, "--lora_config.bias: expected one of"),
+    ({"from_peft_checkpoint": "x"}, "--from_peft_checkpoint has no effect without --use_peft"),
+    ({"lora_config.r": 16}, "--lora_config.r has no effect without --use_peft"),
 ])
 def test_bad_input_is_one_clear_line(kwargs, expected):
     with pytest.raises(ConfigError) as err:
@@ -134,7 +135,7 @@ def test_help_for_one_config_shows_its_whole_docs(capsys):
 def test_config_file_and_command_line_override(tmp_path):
     cfg = tmp_path / "run.yaml"
     cfg.write_text(yaml.safe_dump({"lr": 2e-4, "num_epochs": 5, "fsdp_config": {"pure_bf16": True},
-                                   "lora_config.r": 4}))
+                                   "lora_config.r": 4, "use_peft": True}))
     run = parse_cli({"config": str(cfg), "num_epochs": 1})
     assert run.train.lr == pytest.approx(2e-4) and run.train.num_epochs == 1
     assert run.fsdp.pure_bf16 and run.peft_configs["lora"].r == 4
