@@ -178,7 +178,8 @@ def main(**kwargs) -> dict:
     # 7. Train; checkpoints and the exported model are written from inside the loop (model_checkpointing/).
     from shardtune.model_checkpointing.checkpoint import Checkpointer
     from shardtune.observability.metrics import MetricsWriter
-    from shardtune.training.loop import TrainContext, train
+    from shardtune.training.context import StepNumerics, Telemetry, TrainContext
+    from shardtune.training.loop import train
     from shardtune.training.preemption import StopRequest
     from shardtune.utils.disk import guard_saves, warn_if_low_disk
 
@@ -228,10 +229,10 @@ def main(**kwargs) -> dict:
             release_locks()
             return {"steps": state.step, "already_finished": True}
 
-    ctx = TrainContext(run=run, device=device, autocast=autocast(precision, device, t.enable_fsdp and
-                                                                   dist_info.distributed),
-                       scaler=scaler, metrics=metrics, set_gradient_sync=sync_fn, save_checkpoint=save_checkpoint,
-                       observers=observers, model_flops=model_flops, peak_tflops=peak_tflops,
+    numerics = StepNumerics(autocast=autocast(precision, device, t.enable_fsdp and dist_info.distributed),
+                            scaler=scaler, set_gradient_sync=sync_fn)
+    telemetry = Telemetry(metrics=metrics, observers=observers, model_flops=model_flops, peak_tflops=peak_tflops)
+    ctx = TrainContext(run=run, device=device, numerics=numerics, telemetry=telemetry, save_checkpoint=save_checkpoint,
                        restore_rng=restore_rng, stop_request=StopRequest())
     try:
         with ctx.stop_request:  # SIGTERM / SIGINT from here on: finish the step, checkpoint, exit 75

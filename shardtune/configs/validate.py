@@ -122,6 +122,8 @@ def validate(run: RunConfigs) -> None:
          f"--torch_compile: expected auto, True or False, got {t.torch_compile!r}")
     need(not t.gradient_clipping or t.gradient_clipping_threshold > 0,
          f"--gradient_clipping_threshold: must be > 0 with --gradient_clipping, got {t.gradient_clipping_threshold}")
+    need(t.divergence_factor == 0 or t.divergence_factor > 1,
+         f"--divergence_factor: must be 0 (off) or greater than 1, got {t.divergence_factor:g}")
     check_output_dir(t.output_dir)
     need(not (t.flop_counter and t.use_profiler),
          "--flop_counter and --use_profiler cannot be combined: the profiler's overhead would distort the count; "
