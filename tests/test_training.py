@@ -46,15 +46,17 @@ def test_accumulation_and_ranks_train_like_one_big_batch(method, tiny_llama_dir,
         weights[name] = load_file(out / "model" / ("model.safetensors" if method == "full" else
                                                    "adapter_model.safetensors"))
     ref_losses, ref_weights = losses.pop("1x4"), weights.pop("1x4")
-    assert len(ref_losses) == 4 and ref_losses[-1] < ref_losses[0]
+    assert len(ref_losses) == 4
+    # The runs trained: the weights moved far beyond the tolerance (PEFT: the tensors that start at zero).
+    init = load_file(tiny_llama_dir / "model.safetensors") if method == "full" else {}
+    moved = max((v - init[k] if init else v).abs().max().item() for k, v in ref_weights.items()
+                if init or "lora_B" in k or "adaption_gate" in k)
+    assert moved > 100 * WEIGHT_TOL, moved
     for name in losses:
         assert losses[name] == pytest.approx(ref_losses, abs=LOSS_TOL, rel=0), name
         assert weights[name].keys() == ref_weights.keys(), name
         for key, value in weights[name].items():
             torch.testing.assert_close(value, ref_weights[key], atol=WEIGHT_TOL, rtol=0, msg=f"{name}: {key}")
-    if method == "full":
-        init = load_file(tiny_llama_dir / "model.safetensors")
-        assert any(not torch.equal(ref_weights[k], init[k]) for k in ref_weights), "training changed no weight"
 
 
 def _eval_loss(model, tokenizer, peft_method: str = "") -> float:

@@ -36,6 +36,8 @@ def train(model, train_loader, eval_loader, optimizer, lr_scheduler, ctx: TrainC
 
 
 class Trainer:
+    """One run's loop over its epochs; ``state`` (a checkpoint's, when resuming) is updated as it goes."""
+
     def __init__(self, model: torch.nn.Module, train_loader, eval_loader, optimizer, lr_scheduler, ctx: TrainContext,
                  state: Optional[TrainState] = None):
         self.model, self.train_loader, self.eval_loader = model, train_loader, eval_loader
