@@ -49,7 +49,8 @@ from shardtune.policies.compile import compile_decoder_layers
 from shardtune.policies.fsdp import check_fsdp_config, wrap_model
 from shardtune.policies.mixed_precision import autocast, grad_scaler
 from shardtune.policies.optimizer import build_lr_scheduler, build_optimizer
-from shardtune.training.loop import TrainContext, train
+from shardtune.training.context import StepNumerics, Telemetry, TrainContext
+from shardtune.training.loop import train
 from shardtune.training.preemption import StopRequest
 from shardtune.utils import distributed
 from shardtune.utils.disk import guard_saves, warn_if_low_disk
@@ -98,12 +99,12 @@ def main(**kwargs) -> dict:
             checkpointer.finish_interrupted_export(out.resume)  # a run killed while exporting its model
             if already_finished(run, state, out.resume):
                 return {"steps": state.step, "already_finished": True}
-        ctx = TrainContext(run=run, device=dist_info.device,
-                           autocast=autocast(precision, dist_info.device, t.enable_fsdp and dist_info.distributed),
-                           scaler=scaler, metrics=metrics, set_gradient_sync=sync_fn,
+        numerics = StepNumerics(autocast=autocast(precision, dist_info.device, t.enable_fsdp and dist_info.distributed),
+                                scaler=scaler, set_gradient_sync=sync_fn)
+        telemetry = Telemetry(metrics=metrics, observers=observers, model_flops=model_flops, peak_tflops=peak_tflops)
+        ctx = TrainContext(run=run, device=dist_info.device, numerics=numerics, telemetry=telemetry,
                            # a full disk during a save: one line, no temporary folders left (utils/disk.py)
                            save_checkpoint=guard_saves(checkpointer, [checkpointer.root, out.path]),
-                           observers=observers, model_flops=model_flops, peak_tflops=peak_tflops,
                            restore_rng=restore_rng, stop_request=StopRequest())
         with ctx.stop_request:  # SIGTERM / SIGINT from here on: finish the step, checkpoint, exit 75
             summary = train(model, train_loader, eval_loader, optimizer, lr_scheduler, ctx, state=state)

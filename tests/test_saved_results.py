@@ -91,8 +91,6 @@ def test_every_adapter_saved_is_the_trained_one(method, tiny_llama_dir, tmp_path
             if w == world:
                 torch.testing.assert_close(exported[_config_id(w, ac, ckpt)], trained, atol=1e-5, rtol=0,
                                            msg=_config_id(w, ac, ckpt))
-    if method != "prefix":  # packed data: 2 ranks x batch 2 train exactly as 1 rank x batch 4
-        torch.testing.assert_close(exported["2rank-ac-sharded"], exported["1rank-ac-sharded"], atol=1e-4, rtol=0)
 
 
 def test_every_full_model_saved_is_the_trained_one(tiny_llama_dir, tmp_path):

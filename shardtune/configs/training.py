@@ -76,6 +76,15 @@ class train_config:
     max_nonfinite_steps: int = doc(0, "Optimizer steps whose loss or gradient norm is not finite that may be skipped "
                                       "(each is logged) before the run stops as diverged; 0: stop at the first.",
                                    valid="[0, inf)")
+    divergence_factor: float = doc(3.0, "Stop the run as diverged (exit status 1, nothing saved after it) when the "
+                                        "smoothed training loss (token-weighted, over about 10 steps) exceeds this "
+                                        "many times the first step's loss; 0: off, else > 1. Fine-tuning lowers the "
+                                        "loss, so a healthy run stays far below 3x; a too-high --lr goes above it "
+                                        "within a few steps.", valid="[0, inf)")
+    divergence_patience_steps: int = doc(0, "Also stop as diverged when the smoothed training loss has not fallen "
+                                            "below its best for this many optimizer steps; 0: off (the default: a "
+                                            "healthy run may plateau, for how long depends on its data and "
+                                            "length).", valid="[0, inf)")
     lr: float = doc(1e-4, "AdamW learning rate.", valid="(0, inf)")
     weight_decay: float = doc(0.0, "AdamW decoupled weight decay.", valid="[0, inf)")
     gamma: float = doc(0.85, "StepLR: the learning rate is multiplied by gamma after every epoch.", valid="(0, 1]")

@@ -104,6 +104,8 @@ def validate(run: RunConfigs) -> None:
     need(t.peft_method in run.peft_configs,
          f"--peft_method: unknown method {t.peft_method!r}; valid: {', '.join(run.peft_configs)}")
     check_declarations(run)
+    need(t.divergence_factor == 0 or t.divergence_factor > 1,
+         f"--divergence_factor: must be 0 (off) or greater than 1, got {t.divergence_factor:g}")
     check_folder("--output_dir", t.output_dir, "the model, checkpoints and metrics")
     if t.dist_checkpoint_root_folder:
         check_folder("--dist_checkpoint_root_folder", t.dist_checkpoint_root_folder, "the checkpoints")
