@@ -38,7 +38,7 @@ from shardtune.models.builder import WeightSource, build_model, load_dtype
 from shardtune.models.loading import (ModelSource, check_against_model_config, check_weight_files,
                                       load_model_config, load_tokenizer)
 from shardtune.models.loss import CausalLMWithLoss
-from shardtune.models.peft import check_peft_supported
+from shardtune.models.peft import check_peft_inputs, check_peft_supported
 from shardtune.observability.flops import FlopCounter, count_model_flops
 from shardtune.observability.metrics import MetricsWriter
 from shardtune.observability.mfu import peak_tflops_for
@@ -132,6 +132,7 @@ def check_inputs(run: RunConfigs) -> Tuple[Any, Any]:
     check_against_model_config(t, model_config)
     if t.use_peft:
         check_peft_supported(run, model_config.model_type)
+        check_peft_inputs(run, model_config)  # the adapter folder to continue from, LoRA's target modules
     tokenizer = load_tokenizer(t.tokenizer_name or t.model_name,
                                "--tokenizer_name" if t.tokenizer_name else "--model_name")
     return model_config, tokenizer

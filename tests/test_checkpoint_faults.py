@@ -199,7 +199,7 @@ def test_a_checkpoint_without_manifest_needs_the_explicit_flag(saved, tiny_llama
     assert find_resume_point(allowed, run_id(out)).step == 2
     assert len(warnings_naming(capsys.readouterr().err, "unverified")) == 1
     for resume_from in ("auto", ""):
-        with pytest.raises(ConfigError, match="only meaningful with --resume_from DIR"):
+        with pytest.raises(ConfigError, match="--resume_unverified"):
             find_resume_point(parse_cli(source_kwargs("single_sharded", tiny_llama_dir, out, resume_from=resume_from,
                                                       resume_unverified=True)))
 

@@ -44,7 +44,7 @@ class train_config:
     freeze_layers: bool = doc(False, "Freeze the first num_freeze_layers decoder layers (full fine-tuning; PEFT "
                                      "already freezes the base model).", needs="not use_peft")
     num_freeze_layers: int = doc(1, "How many decoder layers freeze_layers freezes, counted from the input.",
-                                 valid="[0, inf)", needs="freeze_layers")
+                                 valid="[1, inf)", needs="freeze_layers")
     freeze_LLM_only: bool = doc(False, "The reference's switch for vision models (mllama): freeze the language model "
                                        "except its cross-attention layers.",
                                 unsupported="shardtune fine-tunes text-only causal LMs; use --freeze_layers or "

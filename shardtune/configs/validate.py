@@ -106,6 +106,10 @@ def validate(run: RunConfigs) -> None:
     check_declarations(run)
     need(t.divergence_factor == 0 or t.divergence_factor > 1,
          f"--divergence_factor: must be 0 (off) or greater than 1, got {t.divergence_factor:g}")
+    need(bool(str(t.model_name).strip()), "--model_name: empty; give a Hugging Face hub id, a model folder or a "
+                                          ".gguf file (or drop it for the bundled demo model)")
+    need(t.tokenizer_name is None or bool(t.tokenizer_name.strip()),
+         "--tokenizer_name: empty; give a hub id or folder, or drop it to use --model_name's tokenizer")
     check_folder("--output_dir", t.output_dir, "the model, checkpoints and metrics")
     if t.dist_checkpoint_root_folder:
         check_folder("--dist_checkpoint_root_folder", t.dist_checkpoint_root_folder, "the checkpoints")

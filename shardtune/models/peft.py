@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -19,17 +20,10 @@ def build_peft_config(run: RunConfigs, model):
     method = run.train.peft_method
     values = asdict(run.peft)
     if method == "lora":
-        targets = values["target_modules"]
-        if targets == ["all-linear"]:
+        if values["target_modules"] == ["all-linear"]:
             values["target_modules"] = "all-linear"
         else:
-            names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
-            missing = [t for t in targets if t not in names]
-            if missing:
-                linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
-                                 if type(m).__name__ == "Linear" and "lm_head" not in n})
-                raise ConfigError(f"--lora_config.target_modules: {', '.join(missing)} not in this model; its linear "
-                                  f"layers are: {', '.join(linear)} (or 'all-linear')")
+            check_lora_targets(values["target_modules"], model)
         return LoraConfig(**values)
     if method == "llama_adapter":
         n_layers = len(decoder_layers(model))
@@ -41,6 +35,42 @@ def build_peft_config(run: RunConfigs, model):
     if method == "prefix":
         return PrefixTuningConfig(**values)
     raise ConfigError(f"--peft_method: unknown method {method!r}")
+
+
+def check_lora_targets(targets, model) -> None:
+    """Every --lora_config.target_modules name is a module of ``model`` (which may live on the meta device)."""
+    if targets == ["all-linear"]:
+        return
+    names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+    missing = [t for t in targets if t not in names]
+    if missing:
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                         if type(m).__name__ == "Linear" and "lm_head" not in n})
+        raise ConfigError(f"--lora_config.target_modules: {', '.join(missing)} not in this model; its linear "
+                          f"layers are: {', '.join(linear)} (or 'all-linear')")
+
+
+def check_peft_inputs(run: RunConfigs, model_config) -> None:
+    """Before anything is loaded or written: the adapter folder to continue from, and the LoRA target modules
+    against the model config.json describes, built on the meta device (no memory, no weights read)."""
+    from transformers import AutoModelForCausalLM
+
+    t = run.train
+    adapter = t.from_peft_checkpoint
+    if adapter:
+        path = Path(adapter).expanduser()
+        looks_local = path.exists() or adapter.startswith(("/", ".", "~")) or adapter.count("/") > 1
+        if looks_local and not (path / "adapter_config.json").is_file():
+            raise ConfigError(f"--from_peft_checkpoint: {adapter} is not a PEFT adapter folder (no "
+                              "adapter_config.json there); give the folder a LoRA run saved, e.g. output/model")
+    if t.peft_method != "lora":
+        return
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(model_config)
+    except Exception:  # noqa: BLE001 - an architecture that cannot be built so: peft checks when it is loaded
+        return
+    check_lora_targets(run.peft.target_modules, model)
 
 
 def check_peft_supported(run: RunConfigs, model_type: str) -> None:

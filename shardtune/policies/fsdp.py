@@ -33,6 +33,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from shardtune.configs.fsdp import ShardingStrategy
+from shardtune.configs.needs import fields_needing, flag
 from shardtune.configs.run import RunConfigs
 from shardtune.errors import ConfigError
 from shardtune.policies.placement import UnitPlacer, load_full_state_from_rank0
@@ -95,15 +96,13 @@ def check_fsdp_config(run: RunConfigs, dist_info: DistInfo) -> None:
         return  # configs/validate.py already refused the FSDP-only options
     if not dist_info.distributed:
         # --enable_fsdp in one process trains without sharding (activation checkpointing still applies): an
-        # option that only a sharded run uses would be silently ignored, so it is refused instead.
-        from shardtune.configs.fsdp import fsdp_config
-        from shardtune.configs.needs import fields_needing
-
-        defaults = fsdp_config()
-        for name in fields_needing(fsdp_config, "enable_fsdp"):
-            if getattr(run.fsdp, name) != getattr(defaults, name):
-                raise ConfigError(f"--fsdp_config.{name} has no effect in a single process (nothing is sharded): "
-                                  "launch with torchrun --nproc_per_node N, or drop it")
+        # option that only a sharded run uses (it declares needs="enable_fsdp") would be silently ignored.
+        for cfg in (run.train, run.fsdp):
+            defaults = type(cfg)()
+            for name in fields_needing(type(cfg), "enable_fsdp"):
+                if getattr(cfg, name) != getattr(defaults, name):
+                    raise ConfigError(f"{flag(type(cfg).__name__, name)} has no effect in a single process (nothing "
+                                      "is sharded): launch with torchrun --nproc_per_node N, or drop it")
         return
     if run.fsdp.fsdp_cpu_offload and dist_info.device.type != "cuda":
         raise ConfigError("--fsdp_config.fsdp_cpu_offload needs CUDA GPUs (it keeps shards in host memory and moves "
