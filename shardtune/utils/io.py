@@ -45,11 +45,36 @@ def atomic_directory(final: PathLike) -> Iterator[Path]:
     replace_directory(tmp, final)
 
 
+def current_umask() -> int:
+    """The process's umask, read without changing it (Linux: /proc; elsewhere set and restored at once)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def honour_umask(folder: Path) -> None:
+    """Give every file and folder under ``folder`` the mode the user's umask asks for (0644 / 0755 under umask
+    022). Some writers (safetensors, for one) create their files 0600, which other users of a shared model folder
+    cannot read."""
+    mask = current_umask()
+    for path in [Path(folder), *Path(folder).rglob("*")]:
+        if not path.is_symlink():
+            os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
+
+
 def replace_directory(src: Path, final: Path) -> None:
-    """Move a complete folder ``src`` to ``final``, replacing an existing ``final`` with no moment in which
+    """Move a complete folder ``src`` to ``final`` (its files given the umask's modes first: :func:`honour_umask`),
+    replacing an existing ``final`` with no moment in which
     ``final`` is missing: on Linux the two are swapped in one atomic ``renameat2(RENAME_EXCHANGE)``; where
     that is unavailable, the old folder is renamed aside first (a short window)."""
     src, final = Path(src), Path(final)
+    honour_umask(src)
     if not final.exists():
         os.rename(src, final)
         return
