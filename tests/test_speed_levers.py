@@ -18,7 +18,7 @@ CUDA, CPU = torch.device("cuda"), torch.device("cpu")  # pick_attention only loo
 
 @pytest.mark.parametrize("flags, message", [
     ({"attn_implementation": "flash3"}, "--attn_implementation: expected one of auto | sdpa | flex_attention"),
-    ({"torch_compile": "sometimes"}, "--torch_compile: expected auto, True or False"),
+    ({"torch_compile": "sometimes"}, "--torch_compile: expected one of"),
     ({"fsdp_config.ac_every_n_layers": -1}, r"--fsdp_config.ac_every_n_layers: must be in \[0, inf\)"),
     ({"fsdp_config.ac_memory_fraction": 1.5}, r"--fsdp_config.ac_memory_fraction: must be in \(0, 1\]"),
 ])
