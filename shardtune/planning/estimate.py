@@ -46,8 +46,9 @@ from shardtune.utils.distributed import DistInfo
 # LoRA), 1.05-1.08 (1B full, 8B LoRA), 1.13-1.18 (8B full, 8B LoRA 2 GPUs). The larger figure, so "fits" is safe.
 ALLOCATOR_MARGIN = 0.18
 CUDA_CONTEXT_BYTES = 2 ** 30  # CUDA context, cuBLAS workspace, NCCL buffers: outside the allocator's counters
-# A rank's host memory before any weight: Python, torch, transformers, the tokenised data (measured on CPU at
-# 0.9-1.1 GB, benchmarks/host_memory_70b_slice.py; CUDA's libraries add about 0.5 GB on a GPU host).
+# A rank's host memory besides the weights: Python, torch, transformers (0.3-0.4 GB measured on CPU without data,
+# benchmarks/host_memory_slice.py), CUDA's libraries and the tokenised data on a GPU host (8B runs on H200 measured
+# 2.3 GB per rank in all, the largest unit included: benchmarks/README.md, session 4).
 PROCESS_BASE_BYTES = int(1.5 * GB)
 PLANNED_DEVICE = torch.device("cuda")  # the device the planned run computes on (never touched here)
 NO_TOKENIZER = ()  # the plan reads no tokenizer: the embedding keeps config.json's vocab_size
