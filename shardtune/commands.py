@@ -12,8 +12,9 @@ import sys
 
 from shardtune.cli import cli
 from shardtune.launch import launch_cli
+from shardtune.planning.cli import plan_cli
 
-COMMANDS = {"run": launch_cli}
+COMMANDS = {"run": launch_cli, "plan": plan_cli}
 
 
 def entry(argv=None) -> int:

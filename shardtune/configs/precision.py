@@ -32,9 +32,10 @@ _TABLE = {
 }
 
 
-def resolve(run, device: torch.device) -> str:
+def resolve(run, device: torch.device, bf16_supported: Optional[bool] = None) -> str:
     """One precision mode for the whole run (train_config.precision; 'auto' decides from the reference's
-    flags and the device: bf16_mixed on GPUs with bf16, fp32 on CPU)."""
+    flags and the device: bf16_mixed on GPUs with bf16, fp32 on CPU). ``bf16_supported``: say so for a GPU that is
+    not here (shardtune plan) instead of asking CUDA."""
     t, f = run.train, run.fsdp
     if t.precision != "auto":
         return t.precision
@@ -42,7 +43,7 @@ def resolve(run, device: torch.device) -> str:
         return "bf16_pure"
     if t.use_fp16 or f.use_fp16:
         return "fp16_mixed"
-    bf16_ok = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    bf16_ok = device.type == "cuda" and (torch.cuda.is_bf16_supported() if bf16_supported is None else bf16_supported)
     if t.mixed_precision and f.mixed_precision and bf16_ok:
         return "bf16_mixed"
     return "fp32"

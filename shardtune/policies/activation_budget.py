@@ -74,6 +74,8 @@ class MemoryPlan:
     reason: str
     gathered: int
     gathered_reason: str = ""
+    estimate: Optional[StepMemory] = None  # what the choice was made from (None: no estimate was made)
+    budget: Optional[int] = None
 
 
 def fewest_checkpointed(mem: StepMemory, budget: int) -> int:
@@ -157,21 +159,23 @@ def device_budget(device: torch.device, fraction: float) -> Optional[int]:
     usable = free + torch.cuda.memory_reserved(device)
     from shardtune.utils import distributed
 
-    return distributed.agree(min(int(fraction * total), usable), device, op="min")
+    return distributed.agree(min(idle_gpu_budget(total, fraction), usable), device, op="min")
 
 
 def plan_memory(model: nn.Module, layers: List[nn.Module], run, precision: str, device: torch.device,
-                shard_size: int, reshard_after_forward: bool = True) -> MemoryPlan:
+                shard_size: int, reshard_after_forward: bool = True, gpu_memory: Optional[int] = None) -> MemoryPlan:
     """Which decoder layers to checkpoint and how many to keep gathered, under ``run``'s fsdp_config (see the
     module docstring). Checkpointing comes first: recomputing a layer costs compute, while all-gathering it again
-    in backward mostly overlaps compute; the room the budget has left then keeps layers gathered."""
+    in backward mostly overlaps compute; the room the budget has left then keeps layers gathered.
+    ``gpu_memory``: the bytes of an idle GPU that is not here (``shardtune plan``), budgeted instead of asking CUDA."""
     f, t = run.fsdp, run.train
     n = len(layers)
     auto_ac = f.fsdp_activation_checkpointing and f.ac_every_n_layers == 0
     auto_gathered = reshard_after_forward and f.keep_gathered_layers < 0
     budget = mem = None
     if auto_ac or auto_gathered:
-        budget = device_budget(device, f.ac_memory_fraction)  # collective: every rank takes this branch alike
+        budget = (device_budget(device, f.ac_memory_fraction) if gpu_memory is None  # collective: all ranks alike
+                  else idle_gpu_budget(gpu_memory, f.ac_memory_fraction))
     if budget is not None:
         tokens = t.batch_size_training * t.context_length  # packing: exact; padding: samples cut to context_length
         mem = estimate_step_memory(model, layers, precision, tokens, shard_size, reshard_after_forward,
@@ -210,7 +214,7 @@ def plan_memory(model: nn.Module, layers: List[nn.Module], run, precision: str, 
                         f"{budget / GB:.1f} GB; all {n} would need {mem.peak(len(layers_ac), n) / GB:.1f} GB"
                         if gathered < n else f"auto: estimated peak {mem.peak(len(layers_ac), n) / GB:.1f} GB within "
                         f"the budget {budget / GB:.1f} GB")
-    return MemoryPlan(layers_ac, n, why_ac, gathered, why_gathered)
+    return MemoryPlan(layers_ac, n, why_ac, gathered, why_gathered, estimate=mem, budget=budget)
 
 
 def describe_plan(plan: MemoryPlan) -> str:
@@ -231,3 +235,9 @@ def describe_gathered(plan: MemoryPlan) -> str:
 def _text_config(model: nn.Module):
     config = getattr(getattr(model, "base_model", model), "config", None)  # CausalLMWithLoss: below any PEFT wrapper
     return getattr(config, "text_config", None) or config
+
+
+def idle_gpu_budget(total: int, fraction: float) -> int:
+    """The budget of an idle GPU of ``total`` bytes (device_budget caps it by what is free; shardtune plan uses it
+    as it is)."""
+    return int(fraction * total)
