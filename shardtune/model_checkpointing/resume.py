@@ -165,10 +165,11 @@ def plan_layout(run: RunConfigs, path: Path, info: dict, world_size: int) -> Opt
     batch = f"global batch {target} kept" if now == target else f"global batch {target} -> {now} ({why})"
     if world_size == w0:
         rng = "every rank's RNG streams restored"
-    elif world_size > w0:
-        rng = f"RNG streams of ranks {w0}-{world_size - 1} start anew (seeded), so dropout differs"
     else:
-        rng = f"RNG streams of ranks {world_size}-{w0 - 1} dropped, so dropout differs"
+        low, high = sorted((w0, world_size))
+        ranks = f"rank {low}" if high - low == 1 else f"ranks {low}-{high - 1}"
+        rng = (f"RNG streams of {ranks} {'start anew (seeded)' if world_size > w0 else 'dropped'}, so random draws "
+               f"(dropout) differ from the run that stopped")
     position = info["train_state"].get("samples_in_epoch", 0)
     return LayoutPlan(ga, f"--> resume on another layout, {layout}: {batch}; {rng}; unchanged: the data, which "
                           f"continues after the {position} samples of epoch {info['train_state']['epoch'] + 1} "
