@@ -104,15 +104,22 @@ def _candidates(run: RunConfigs) -> List[str]:
     return [str(path)]
 
 
-def _check_compatible(run: RunConfigs, path: Path, info: dict, world_size: int) -> None:
-    """One-line errors for a checkpoint this run cannot continue exactly."""
+def _check_readable(run: RunConfigs, path: Path, info: dict) -> None:
+    """One-line errors for a checkpoint this version or this run cannot read."""
     if info.get("format") not in READABLE_FORMATS:
         raise ConfigError(f"--resume_from: {path} has checkpoint format {info.get('format')!r}; this version "
                           f"reads formats {', '.join(map(str, READABLE_FORMATS))}")
     if bool(info.get("use_peft")) != bool(run.train.use_peft):
         raise ConfigError(f"--resume_from: {path} was saved {'with' if info.get('use_peft') else 'without'} "
                           f"--use_peft; resume with the same setting")
+
+
+def _check_position(run: RunConfigs, path: Path, info: dict, world_size: int, plan: Optional[LayoutPlan]) -> None:
+    """A checkpoint taken mid-epoch: one-line errors where this run cannot map its data position back to samples
+    (``plan``: the accumulation this run will use)."""
     saved, now = info.get("data_layout"), data_layout(run, world_size)
+    if plan is not None:
+        now["gradient_accumulation_steps"] = plan.gradient_accumulation_steps
     ts = info["train_state"]
     # Format 3 counts the position in samples of the epoch's order, whatever the layout; older ones in per-rank
     # batches, which only the saved layout maps back to samples.
@@ -143,9 +150,10 @@ def plan_layout(run: RunConfigs, path: Path, info: dict, world_size: int) -> Opt
     """Rank 0: the gradient accumulation that keeps the checkpoint's global batch (ranks x batch x accumulation) on
     ``world_size`` ranks, and the line saying what changes; ConfigError where it cannot be honoured."""
     t = run.train
-    saved = info.get("data_layout")
-    if not saved:
-        return None
+    saved = info.get("data_layout") or {}
+    if any(not isinstance(saved.get(k), int) for k in ("world_size", "batch_size_training",
+                                                        "gradient_accumulation_steps")):
+        return None  # a layout this version did not write: nothing to keep
     w0, b0, ga0 = saved["world_size"], saved["batch_size_training"], saved["gradient_accumulation_steps"]
     target, per_micro_step = w0 * b0 * ga0, world_size * t.batch_size_training
     kept_by = target // per_micro_step if target % per_micro_step == 0 else None
@@ -206,8 +214,10 @@ def _judge(run: RunConfigs, path: Path, verdict: integrity.Verdict, run_id: Opti
     if verdict.coverage is Coverage.LEGACY:
         warn(f"{path} was written by an older version (format 1): its {integrity.LEGACY_MANIFEST} verified the "
              f"weight, optimizer and RNG files; its {' and '.join(integrity.LEGACY_UNCOVERED)} are not covered")
-    _check_compatible(run, path, info, world_size)
-    return ResumePoint(path, StateDictType[info["checkpoint_type"]], info, plan_layout(run, path, info, world_size))
+    _check_readable(run, path, info)
+    plan = plan_layout(run, path, info, world_size)
+    _check_position(run, path, info, world_size, plan)
+    return ResumePoint(path, StateDictType[info["checkpoint_type"]], info, plan)
 
 
 def _log_others(run: RunConfigs, others: int) -> None:
