@@ -219,3 +219,46 @@ def test_changes_that_cannot_be_honoured_are_refused_before_anything_is_written(
         assert all(w in error for w in words), error
         assert "restored step" not in results[0]["log"]  # refused before anything was loaded
         assert _listing(out) == before  # nothing written
+
+
+# ---------------------------------------------------------------------------------------------
+# The samplers alone: a global position continues any layout
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["length_grouped", "random"])
+def test_sampler_continues_from_a_global_position_on_any_layout(kind):
+    from shardtune.data.sampler import LengthBasedBatchSampler, RandomBatchSampler
+
+    data = [[0] * (1 + (i * 13) % 29) for i in range(37)]
+
+    def sampler(world, batch, rank):
+        if kind == "length_grouped":
+            return LengthBasedBatchSampler(data, batch, seed=5, num_replicas=world, rank=rank)
+        return RandomBatchSampler(len(data), batch, seed=5, num_replicas=world, rank=rank)
+
+    def real(batches):
+        return [i for b in batches for i in b if i < len(data)]  # fillers are shifted by len(data)
+
+    for (w0, b0), (w1, b1) in [((1, 2), (2, 2)), ((2, 2), (1, 2)), ((2, 3), (3, 1)), ((1, 4), (2, 3))]:
+        for taken in range(6):
+            first = [sampler(w0, b0, r) for r in range(w0)]
+            for s in first:
+                s.set_epoch(3)
+            before = real(b for s in first for b in list(s)[:taken])
+            position = first[0].position_after(taken)
+            assert position == len(before) == len(set(before))
+            rest = []
+            for r in range(w1):
+                s = sampler(w1, b1, r)
+                s.set_epoch(3)
+                s.start_at(position, b0)
+                rest += real(s)
+                if (w1, b1) == (w0, b0):  # the same layout: exactly the batches that were left
+                    assert list(s) == list(first[r])[taken:]
+            assert sorted(before + rest) == list(range(len(data)))
+        same = [sampler(w0, b0, r) for r in range(w0)]
+        for r, s in enumerate(same):
+            s.set_epoch(3)
+            s.start_at(first[0].position_after(2), b0)
+            full = sampler(w0, b0, r)
+            full.set_epoch(3)
+            assert list(s) == list(full)[2:]
