@@ -4,7 +4,14 @@
   reseeded (the reference reseeded Python's global ``random``), and all ranks compute the same order
   without communicating. Call ``set_epoch(epoch)`` before each epoch.
 * Rank r takes batches r, r + W, r + 2W, ... of that common list, so ranks' batches are disjoint
-  and together cover the data set.
+  and together cover the data set; after every rank took k batches, the first k * W batches of the
+  list are consumed: always a prefix of the epoch's sample order (the list's batches one after another).
+* The data position is that prefix's length, in samples (or packed blocks), all ranks together: the
+  same number whatever the world size. :meth:`start_at` continues an epoch after its first ``position``
+  items, on any number of ranks and with any batch size: the epoch's order is formed again (with the
+  batch size the epoch started with, which groups the length-based batches) and what is left is cut into
+  this run's batches. With the layout of the run that stopped (the same ranks and batch size), those are
+  exactly the batches that run had left: a resume on the same world size continues bit-identically.
 * Every rank yields the same number of batches, because FSDP needs every rank to run the same
   number of forward passes. Ranks left one short get a *filler* batch: the indices of a real batch
   shifted by ``num_samples``. The loader (data/loader.py) turns a filler into a batch whose labels
@@ -15,7 +22,7 @@ from __future__ import annotations
 
 import math
 import random
-from typing import Iterator, List, Sequence
+from typing import Iterator, List, Optional, Sequence
 
 from torch.utils.data import Sampler
 
@@ -46,45 +53,83 @@ class _EpochBatchSampler(Sampler[List[int]]):
         self.num_samples, self.batch_size = num_samples, batch_size
         self.shuffle, self.seed, self.drop_last = shuffle, seed, drop_last
         self.num_replicas, self.rank = num_replicas, rank
-        self.epoch = 0
+        self.set_epoch(0)
 
     def set_epoch(self, epoch: int) -> None:
+        """Start ``epoch`` from its beginning (:meth:`start_at` continues one after a resume)."""
         self.epoch = epoch
+        self.start_at(0)
+
+    def start_at(self, position: int, order_batch_size: Optional[int] = None) -> None:
+        """Continue this epoch after its first ``position`` items (all ranks together); its order is formed with
+        ``order_batch_size`` (the batch size the epoch started with; None: this sampler's)."""
+        if not 0 <= position <= self.epoch_size():
+            raise ValueError(f"position {position} not in [0, {self.epoch_size()}]")
+        self.position, self.order_batch_size = position, order_batch_size or self.batch_size
+        self._left: Optional[List[List[int]]] = None  # the batches left, formed on first use
 
     def _rng(self) -> random.Random:
         return random.Random(self.seed * 1_000_003 + self.epoch)
 
-    def _indices(self, rng: random.Random) -> List[int]:
+    def _indices(self, rng: random.Random, batch_size: int) -> List[int]:
         """This epoch's sample order (shuffled when training), cut to whole batches with drop_last."""
         order = list(range(self.num_samples))
         if self.shuffle:
             rng.shuffle(order)
         if self.drop_last:
-            order = order[: len(order) - len(order) % self.batch_size]
+            order = order[: len(order) - len(order) % batch_size]
         return order
 
-    def _chunk(self, order: List[int]) -> List[List[int]]:
-        return [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+    @staticmethod
+    def _chunk(order: List[int], batch_size: int) -> List[List[int]]:
+        return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 
-    def batches(self) -> List[List[int]]:
-        """All ranks' batches of this epoch, in order (identical on every rank)."""
+    def epoch_batches(self, batch_size: int) -> List[List[int]]:
+        """All ranks' batches of a whole epoch of ``batch_size``, in order (identical on every rank)."""
         raise NotImplementedError
 
+    def batches(self) -> List[List[int]]:
+        """All ranks' batches still to come in this epoch, from the position on (identical on every rank)."""
+        if self._left is None:
+            whole = self.epoch_batches(self.order_batch_size)
+            if self.order_batch_size != self.batch_size:  # the rest of the epoch's order, in this run's batches
+                whole = self._chunk([i for batch in whole for i in batch], self.batch_size)
+            left, seen = [], 0
+            for batch in whole:  # the batch under way (after a change of batch size) cut to its unconsumed part
+                if seen + len(batch) > self.position:
+                    left.append(batch[max(0, self.position - seen):])
+                seen += len(batch)
+            # A filler repeats the epoch's first batch wherever the epoch is resumed, so that it is the same one
+            # as in the run that was not stopped.
+            self._left, self._filler = left, [i + self.num_samples for i in whole[0]] if whole else []
+        return self._left
+
+    def epoch_size(self) -> int:
+        """Items (samples or packed blocks) one epoch trains on, all ranks together."""
+        return self.num_samples - (self.num_samples % self.batch_size if self.drop_last else 0)
+
     def num_batches(self) -> int:
-        """Batches of all ranks together in one epoch."""
+        """Batches of all ranks together in one whole epoch."""
         if self.drop_last:
             return self.num_samples // self.batch_size
         return math.ceil(self.num_samples / self.batch_size)
 
     def __len__(self) -> int:
-        return math.ceil(self.num_batches() / self.num_replicas)
+        """Batches per rank from the position on (a whole epoch after set_epoch)."""
+        left = self.num_batches() if self.position == 0 and self.order_batch_size == self.batch_size \
+            else len(self.batches())
+        return math.ceil(left / self.num_replicas)
+
+    def position_after(self, taken: int) -> int:
+        """The data position once every rank has taken ``taken`` batches of this iteration (fillers count 0)."""
+        return self.position + sum(len(b) for b in self.batches()[:taken * self.num_replicas])
 
     def __iter__(self) -> Iterator[List[int]]:
         batches = self.batches()
         mine = batches[self.rank::self.num_replicas]
         yield from mine
         for _ in range(len(self) - len(mine)):  # at most one: see the module docstring
-            yield [i + self.num_samples for i in batches[0]]
+            yield self._filler
 
 
 class LengthBasedBatchSampler(_EpochBatchSampler):
@@ -101,10 +146,10 @@ class LengthBasedBatchSampler(_EpochBatchSampler):
         super().__init__(len(self.lengths), batch_size, shuffle=shuffle, seed=seed, drop_last=drop_last,
                          num_replicas=num_replicas, rank=rank)
 
-    def batches(self) -> List[List[int]]:
+    def epoch_batches(self, batch_size: int) -> List[List[int]]:
         rng = self._rng()
-        order = sorted(self._indices(rng), key=self.lengths.__getitem__)  # stable: ties keep the random order
-        batches = self._chunk(order)
+        order = sorted(self._indices(rng, batch_size), key=self.lengths.__getitem__)  # stable: ties keep the order
+        batches = self._chunk(order, batch_size)
         if self.shuffle:
             rng.shuffle(batches)
         return batches
@@ -123,5 +168,5 @@ class RandomBatchSampler(_EpochBatchSampler):
         super().__init__(num_samples, batch_size, shuffle=shuffle, seed=seed, drop_last=drop_last,
                          num_replicas=num_replicas, rank=rank)
 
-    def batches(self) -> List[List[int]]:
-        return self._chunk(self._indices(self._rng()))
+    def epoch_batches(self, batch_size: int) -> List[List[int]]:
+        return self._chunk(self._indices(self._rng(), batch_size), batch_size)

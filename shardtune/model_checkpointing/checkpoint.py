@@ -9,10 +9,11 @@ state.json must change later (the end of an epoch at a step already checkpointed
 way: a hard-linked copy gets the new state.json and a new manifest and is swapped in atomically.
 
 Resuming (resume.py chooses the checkpoint and verifies it) restores model, optimizer, LR scheduler,
-gradient scaler, TrainState (step, epoch, batches already consumed in the epoch, best eval loss, tokens)
-and the RNG streams. The data order needs no state: samplers are deterministic given (seed, epoch), and
-the loop skips ``batches_in_epoch``; so a checkpoint taken mid-epoch is only resumed with the same data
-layout (world size, batch sizes, ...).
+gradient scaler, TrainState (step, epoch, the data position: samples consumed in the epoch by all ranks,
+best eval loss, tokens) and the RNG streams. The data order needs no state: samplers are deterministic given
+(seed, epoch), and continue the epoch from the data position on any number of ranks (data/sampler.py). DCP
+reshards a sharded checkpoint on load onto however many ranks load it; a full one is broadcast from rank 0
+and sharded again. On the world size it was saved with, a resume continues bit-identically.
 """
 from __future__ import annotations
 
@@ -207,7 +208,7 @@ class Checkpointer:
         or a function the training loop calls once it has created the epoch's data iterator (creating
         it draws a seed from the global RNG, as it did in the uninterrupted run before this checkpoint).
         """
-        from shardtune.training.state import TrainState
+        from shardtune.training.state import POSITION_FROM_BATCHES, TrainState
 
         start = time.perf_counter()
         path, parts = point.path, self.parts
@@ -225,19 +226,24 @@ class Checkpointer:
             parts.scaler.load_state_dict(trainer["scaler"])
 
         known = {f.name for f in fields(TrainState)}
-        state = TrainState(**{k: v for k, v in point.info["train_state"].items() if k in known})
+        saved_state = point.info["train_state"]
+        state = TrainState(**{k: v for k, v in saved_state.items() if k in known})
+        if "samples_in_epoch" not in saved_state and state.batches_in_epoch:
+            state.samples_in_epoch = POSITION_FROM_BATCHES  # format 1-2: the loop derives it (same layout)
         rng_path = layout.rng_file(path, self.info.rank)
         restore_rng: Optional[Callable[[], None]] = None
         if rng_path.is_file():
             saved = torch.load(rng_path, weights_only=True)
             restore_rng = lambda: set_rng_state(saved, self.info.device)  # noqa: E731
-        else:
+        elif point.info.get("world_size") in (None, self.info.world_size):  # else resume.py's line said so
             warn(f"{path} has no RNG state for rank {self.info.rank} (saved with {point.info.get('world_size')} "
                  f"ranks); random streams (dropout) will differ from the uninterrupted run")
-        if restore_rng is not None and state.batches_in_epoch == 0:
+        if restore_rng is not None and state.batches_in_epoch == 0 and state.samples_in_epoch == 0:
             restore_rng()  # at an epoch boundary: the next epoch's iterator has not drawn its seed yet
             restore_rng = None
         self._saved[state.step] = path
-        log(f"--> restored step {state.step} (epoch {state.epoch + 1}, {state.batches_in_epoch} batches into it) "
+        position = "" if state.samples_in_epoch == POSITION_FROM_BATCHES else f"{state.samples_in_epoch} samples, "
+        log(f"--> restored step {state.step} (epoch {state.epoch + 1}, {position}{state.batches_in_epoch} batches "
+            f"per rank into it on {point.info.get('world_size')} rank(s)) "
             f"in {time.perf_counter() - start:.1f}s")
         return state, restore_rng

@@ -34,8 +34,10 @@ RUN_CONFIG_FILE = "run_config.yaml"
 BEST_FILE = "best.json"
 RNG_DIR = "rng"
 STEP_PREFIX = "step_"
-FORMAT_VERSION = 2          # what this version writes (state.json "format"): manifest.json over every file
-READABLE_FORMATS = (1, 2)   # 1: checksums.json over the weight, optimizer and RNG files only (integrity.py)
+FORMAT_VERSION = 3          # what this version writes (state.json "format"): manifest.json over every file and
+#                             the data position as samples consumed by all ranks (resumable on any world size)
+READABLE_FORMATS = (1, 2, 3)  # 1: checksums.json over the weight, optimizer and RNG files only (integrity.py);
+#                               1-2: the position in per-rank batches (resumed on the saved layout only)
 
 
 def checkpoint_root(run: RunConfigs) -> Path:
@@ -100,6 +102,11 @@ def list_checkpoints(root: Path, run_id: Optional[str] = None) -> List[Path]:
 def latest_checkpoint(root: Path) -> Optional[Path]:
     found = list_checkpoints(root)
     return found[-1] if found else None
+
+
+# What decides an epoch's sample order, into which the data position (TrainState.samples_in_epoch) counts: a run
+# resumed mid-epoch must keep these. The world size, the batch size and gradient accumulation may change.
+ORDER_KEYS = ("dataset", "seed", "context_length", "batching_strategy")
 
 
 def data_layout(run: RunConfigs, world_size: int) -> dict:

@@ -15,6 +15,16 @@ them): so all ranks take the same decision even on a file system whose caches di
   checksums pass, with one warning that its state.json and run_config.yaml are not covered. Refusing it, or
   requiring --resume_unverified, would strand every run saved before the upgrade although its large files are
   verified; its small state files are at least parsed and checked for compatibility below.
+
+Another world size (or batch size) than the checkpoint's: resumed, not refused. DCP reshards the weights and the
+optimizer state on load, a full checkpoint is broadcast and sharded again (weights.py), and the data continues
+from the global position (samples consumed in the epoch by all ranks, data/sampler.py). The global batch
+(ranks x batch x accumulation) is kept by adjusting --gradient_accumulation_steps unless the flag is given;
+:func:`plan_layout` decides that once, on rank 0, and one line says what changes and what does not. Refused
+(one line, before anything is loaded): a checkpoint taken mid-epoch whose sample order this run would change
+(data set, seed, context length, batching), one of format 1-2 taken mid-epoch on another layout (its position
+is in per-rank batches), and a given --gradient_accumulation_steps that changes the global batch on another
+world size or batch size (leaving the flag out keeps it).
 """
 from __future__ import annotations
 
@@ -27,11 +37,20 @@ from shardtune.configs.run import RunConfigs
 from shardtune.errors import ConfigError
 from shardtune.model_checkpointing import integrity
 from shardtune.model_checkpointing.integrity import Coverage
-from shardtune.model_checkpointing.layout import (READABLE_FORMATS, STATE_FILE, checkpoint_root, data_layout,
-                                                  list_checkpoint_dirs, step_dir_name, step_of, try_read_state)
+from shardtune.model_checkpointing.layout import (ORDER_KEYS, READABLE_FORMATS, STATE_FILE, checkpoint_root,
+                                                  data_layout, list_checkpoint_dirs, step_dir_name, step_of,
+                                                  try_read_state)
 from shardtune.model_checkpointing.weights import MODEL_DIR
 from shardtune.utils import distributed
 from shardtune.utils.logging import log, warn
+
+
+@dataclass(frozen=True)
+class LayoutPlan:
+    """How this run continues the checkpoint's: its gradient accumulation, and the line that says what changed."""
+
+    gradient_accumulation_steps: int
+    line: str
 
 
 @dataclass(frozen=True)
@@ -41,6 +60,7 @@ class ResumePoint:
     path: Path
     checkpoint_type: StateDictType
     info: dict
+    plan: Optional[LayoutPlan] = None  # None: the checkpoint records no layout (format 1 without one)
 
     @property
     def model_dir(self) -> Optional[Path]:
@@ -84,20 +104,85 @@ def _candidates(run: RunConfigs) -> List[str]:
     return [str(path)]
 
 
-def _check_compatible(run: RunConfigs, path: Path, info: dict, world_size: int) -> None:
-    """One-line errors for a checkpoint this run cannot continue exactly."""
+def _check_readable(run: RunConfigs, path: Path, info: dict) -> None:
+    """One-line errors for a checkpoint this version or this run cannot read."""
     if info.get("format") not in READABLE_FORMATS:
         raise ConfigError(f"--resume_from: {path} has checkpoint format {info.get('format')!r}; this version "
                           f"reads formats {', '.join(map(str, READABLE_FORMATS))}")
     if bool(info.get("use_peft")) != bool(run.train.use_peft):
         raise ConfigError(f"--resume_from: {path} was saved {'with' if info.get('use_peft') else 'without'} "
                           f"--use_peft; resume with the same setting")
+
+
+def _check_position(run: RunConfigs, path: Path, info: dict, world_size: int, plan: Optional[LayoutPlan]) -> None:
+    """A checkpoint taken mid-epoch: one-line errors where this run cannot map its data position back to samples
+    (``plan``: the accumulation this run will use)."""
     saved, now = info.get("data_layout"), data_layout(run, world_size)
-    if info["train_state"].get("batches_in_epoch", 0) and saved is not None and saved != now:
-        diff = ", ".join(f"{k} {saved.get(k)} -> {now[k]}" for k in now if saved.get(k) != now[k])
-        raise ConfigError(f"--resume_from: {path} was taken {info['train_state']['batches_in_epoch']} batches into an "
-                          f"epoch, and this run changes which samples those were ({diff}); resume with the same "
-                          f"settings, or from a checkpoint at an epoch boundary")
+    if plan is not None:
+        now["gradient_accumulation_steps"] = plan.gradient_accumulation_steps
+    ts = info["train_state"]
+    # Format 3 counts the position in samples of the epoch's order, whatever the layout; older ones in per-rank
+    # batches, which only the saved layout maps back to samples.
+    global_position = "samples_in_epoch" in ts
+    where = f"{ts['samples_in_epoch']} samples" if global_position else f"{ts.get('batches_in_epoch', 0)} batches"
+    keys = ORDER_KEYS if global_position else tuple(now)
+    changed = [k for k in keys if saved is not None and saved.get(k) != now[k]]
+    if (ts.get("samples_in_epoch") or ts.get("batches_in_epoch")) and changed:
+        diff = ", ".join(f"{k} {saved.get(k)} -> {now[k]}" for k in changed)
+        raise ConfigError(f"--resume_from: {path} was taken {where} into an epoch, and this run changes which samples "
+                          f"those were ({diff}); resume with the same settings, or from a checkpoint at an epoch "
+                          f"boundary")
+
+
+def _global_batch_refusal(run: RunConfigs, path: Path, saved: dict, world_size: int, kept_by: Optional[int]) -> str:
+    t = run.train
+    now = world_size * t.batch_size_training * t.gradient_accumulation_steps
+    target = saved["world_size"] * saved["batch_size_training"] * saved["gradient_accumulation_steps"]
+    fix = (f"leave the flag out to keep {target} (accumulation {kept_by})" if kept_by else
+           f"{target} is not a multiple of {world_size} rank(s) x batch {t.batch_size_training}: leave the flag out "
+           f"to take the nearest, or give a --batch_size_training that divides it")
+    return (f"--gradient_accumulation_steps {t.gradient_accumulation_steps}: on {world_size} rank(s) x batch "
+            f"{t.batch_size_training} the global batch would be {now}, and {path} was trained with {target} "
+            f"({saved['world_size']} x {saved['batch_size_training']} x {saved['gradient_accumulation_steps']}); {fix}")
+
+
+def plan_layout(run: RunConfigs, path: Path, info: dict, world_size: int) -> Optional[LayoutPlan]:
+    """Rank 0: the gradient accumulation that keeps the checkpoint's global batch (ranks x batch x accumulation) on
+    ``world_size`` ranks, and the line saying what changes; ConfigError where it cannot be honoured."""
+    t = run.train
+    saved = info.get("data_layout") or {}
+    if any(not isinstance(saved.get(k), int) for k in ("world_size", "batch_size_training",
+                                                        "gradient_accumulation_steps")):
+        return None  # a layout this version did not write: nothing to keep
+    w0, b0, ga0 = saved["world_size"], saved["batch_size_training"], saved["gradient_accumulation_steps"]
+    target, per_micro_step = w0 * b0 * ga0, world_size * t.batch_size_training
+    kept_by = target // per_micro_step if target % per_micro_step == 0 else None
+    ga, given = t.gradient_accumulation_steps, ("train_config", "gradient_accumulation_steps") in run.given
+    same_layout = (world_size, t.batch_size_training) == (w0, b0)
+    if given:
+        if not same_layout and per_micro_step * ga != target:
+            raise ConfigError(_global_batch_refusal(run, path, saved, world_size, kept_by))
+    else:
+        ga = kept_by or max(1, round(target / per_micro_step))
+    now = per_micro_step * ga
+    layout = f"{w0} x {b0} x {ga0} -> {world_size} x {t.batch_size_training} x {ga} (ranks x batch x accumulation)"
+    if same_layout and ga == ga0:
+        return LayoutPlan(ga, f"--> resume on the saved layout, {layout.split(' -> ')[0]}: continues exactly (the "
+                              f"same batches, every rank's RNG streams restored)")
+    why = "--gradient_accumulation_steps given" if given else f"the nearest: not a multiple of {per_micro_step}"
+    batch = f"global batch {target} kept" if now == target else f"global batch {target} -> {now} ({why})"
+    if world_size == w0:
+        rng = "every rank's RNG streams restored"
+    else:
+        low, high = sorted((w0, world_size))
+        ranks = f"rank {low}" if high - low == 1 else f"ranks {low}-{high - 1}"
+        rng = (f"RNG streams of {ranks} {'start anew (seeded)' if world_size > w0 else 'dropped'}, so random draws "
+               f"(dropout) differ from the run that stopped")
+    position = info["train_state"].get("samples_in_epoch", 0)
+    return LayoutPlan(ga, f"--> resume on another layout, {layout}: {batch}; {rng}; unchanged: the data, which "
+                          f"continues after the {position} samples of epoch {info['train_state']['epoch'] + 1} "
+                          f"already trained (the same samples, other batch composition), model and optimizer state "
+                          f"(resharded), LR schedule")
 
 
 def _judge(run: RunConfigs, path: Path, verdict: integrity.Verdict, run_id: Optional[str], world_size: int):
@@ -129,8 +214,10 @@ def _judge(run: RunConfigs, path: Path, verdict: integrity.Verdict, run_id: Opti
     if verdict.coverage is Coverage.LEGACY:
         warn(f"{path} was written by an older version (format 1): its {integrity.LEGACY_MANIFEST} verified the "
              f"weight, optimizer and RNG files; its {' and '.join(integrity.LEGACY_UNCOVERED)} are not covered")
-    _check_compatible(run, path, info, world_size)
-    return ResumePoint(path, StateDictType[info["checkpoint_type"]], info)
+    _check_readable(run, path, info)
+    plan = plan_layout(run, path, info, world_size)
+    _check_position(run, path, info, world_size, plan)
+    return ResumePoint(path, StateDictType[info["checkpoint_type"]], info, plan)
 
 
 def _log_others(run: RunConfigs, others: int) -> None:
@@ -157,6 +244,9 @@ def find_resume_point(run: RunConfigs, run_id: Optional[str] = None, world_size:
         if isinstance(choice, ResumePoint):
             _log_others(run, others)
             log(f"--> resuming from {candidate} (step {choice.step}, {choice.checkpoint_type.name})")
+            if choice.plan is not None:  # decided on rank 0; every rank applies it before the data is built
+                t.gradient_accumulation_steps = choice.plan.gradient_accumulation_steps
+                log(choice.plan.line)
             return choice
         if choice.why is None:
             others += 1

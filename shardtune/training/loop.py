@@ -20,7 +20,7 @@ from shardtune.training.context import TrainContext
 from shardtune.training.divergence import check_divergence
 from shardtune.training.evaluate import evaluate
 from shardtune.training.record import StepRecorder, record_epoch, run_summary
-from shardtune.training.state import TrainState
+from shardtune.training.state import POSITION_FROM_BATCHES, TrainState
 from shardtune.training.step import StepResult, optimizer_step, take_micro_batches
 from shardtune.utils import distributed
 from shardtune.utils.logging import log
@@ -42,6 +42,8 @@ class Trainer:
                  state: Optional[TrainState] = None):
         self.model, self.train_loader, self.eval_loader = model, train_loader, eval_loader
         self.optimizer, self.lr_scheduler, self.ctx = optimizer, lr_scheduler, ctx
+        self.sampler = train_loader.batch_sampler  # data/sampler.py: the epoch's order and the data position
+        self.batches_at_start = 0  # state.batches_in_epoch when this process started the epoch's iterator
         self.t = ctx.run.train
         self.state = state or TrainState()
         self.memory = MemoryTracker(ctx.device)  # peaks from the allocator and the kernel: no polling thread
@@ -60,14 +62,19 @@ class Trainer:
             self.end_epoch(epoch_start)
             if stop:
                 break
-        return run_summary(self.state, self.train_losses, self.eval_losses, self.epoch_times, self.memory)
+        summary = run_summary(self.state, self.train_losses, self.eval_losses, self.epoch_times, self.memory)
+        # Where the data stands (the epoch under way: 0 samples when the last one was completed); state.json holds it
+        summary["data_position"] = {"epoch": self.state.epoch, "samples_in_epoch": self.state.samples_in_epoch,
+                                    "tokens_in_epoch": self.state.tokens_in_epoch,
+                                    "epoch_size": self.sampler.epoch_size()}
+        return summary
 
     def train_epoch(self) -> bool:
         """The optimizer steps of ``state.epoch``, from where it stands. True: the run is to stop after this epoch's
         end (--max_train_step reached)."""
         state, ga = self.state, self.t.gradient_accumulation_steps
         batches = self.epoch_batches()
-        with tqdm(total=math.ceil(len(self.train_loader) / ga), initial=state.batches_in_epoch // ga,
+        with tqdm(total=math.ceil((state.batches_in_epoch + len(self.train_loader)) / ga), initial=state.batches_in_epoch // ga,
                   desc=f"Training epoch {state.epoch + 1}/{self.t.num_epochs}", dynamic_ncols=True,
                   disable=not distributed.is_main()) as progress:  # closed on errors too: their line stands alone
             while not self.reached_max_train_step():
@@ -78,6 +85,7 @@ class Trainer:
                 for obs in self.ctx.telemetry.observers:
                     obs.on_step_start(state)
                 result = optimizer_step(self.model, micro_batches, self.optimizer, self.ctx, state)
+                state.samples_in_epoch = self.sampler.position_after(state.batches_in_epoch - self.batches_at_start)
                 if not result.applied:
                     progress.update(1)
                     continue
@@ -87,13 +95,17 @@ class Trainer:
         return True  # a resumed run that had reached --max_train_step already
 
     def epoch_batches(self) -> Iterator:
-        """This epoch's micro-batches; a run resumed mid-epoch skips those it trained on and restores its RNG."""
-        sampler = self.train_loader.batch_sampler
-        if hasattr(sampler, "set_epoch"):
-            sampler.set_epoch(self.state.epoch)
+        """This epoch's micro-batches from the data position on (a run resumed mid-epoch continues after the samples
+        trained on, on any number of ranks), and the RNG restored where the stopped run stood."""
+        state, sampler = self.state, self.sampler
+        sampler.set_epoch(state.epoch)
+        if state.samples_in_epoch == POSITION_FROM_BATCHES:  # an older checkpoint: taken with this very layout
+            state.samples_in_epoch = sampler.position_after(state.batches_in_epoch)
+        state.order_batch_size = state.order_batch_size or sampler.batch_size
+        sampler.start_at(state.samples_in_epoch, state.order_batch_size)
+        state.batches_in_epoch = max(0, math.ceil(sampler.num_batches() / sampler.num_replicas) - len(sampler))
+        self.batches_at_start = state.batches_in_epoch
         batches = iter(self.train_loader)
-        for _ in range(self.state.batches_in_epoch):
-            next(batches)
         if self.ctx.restore_rng is not None:  # after iter(): creating the iterator drew its seed, as it did before
             self.ctx.restore_rng()
             self.ctx.restore_rng = None
@@ -128,7 +140,7 @@ class Trainer:
         train_loss = state.epoch_loss_sum / max(state.epoch_tokens, 1.0)
         self.train_losses.append(train_loss)
         self.epoch_times.append(time.perf_counter() - epoch_start)
-        epoch_done = state.batches_in_epoch >= len(self.train_loader)
+        epoch_done = state.samples_in_epoch >= self.sampler.epoch_size()
         if epoch_done:  # an epoch cut short by max_train_step keeps its LR, so resuming it continues exactly
             self.lr_scheduler.step()
         eval_loss = None
@@ -137,8 +149,7 @@ class Trainer:
                 eval_loss = evaluate(self.model, self.eval_loader, self.ctx, state)
             self.eval_losses.append(eval_loss)
         if epoch_done:
-            state.epoch, state.batches_in_epoch = epoch + 1, 0
-            state.epoch_loss_sum, state.epoch_tokens = 0.0, 0.0
+            state.start_epoch(epoch + 1)
         improved = eval_loss is not None and eval_loss < state.best_eval_loss
         if improved:
             state.best_eval_loss = eval_loss

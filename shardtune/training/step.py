@@ -154,7 +154,8 @@ def optimizer_step(model: torch.nn.Module, micro_batches: List[dict], optimizer,
     """Accumulate, measure, then apply or skip; updates the progress in ``state``."""
     tokens = count_step_tokens(micro_batches, ctx.telemetry.model_flops)
     result = measure(model, optimizer, accumulate_gradients(model, micro_batches, tokens, ctx), tokens, ctx)
-    state.batches_in_epoch += len(micro_batches)
+    state.batches_in_epoch += len(micro_batches)  # the data position (samples_in_epoch) follows: training/loop.py
+    state.tokens_in_epoch += int(tokens.supervised)
     if not result.applied:
         skip_update(optimizer, ctx.numerics.scaler, result, state, ctx.run.train)
         return result
