@@ -59,7 +59,10 @@ LEVERS = {
     "ac2": (["--fsdp_config.ac_every_n_layers", "2"], {}),
     "acall": (["--fsdp_config.ac_every_n_layers", "1"], {}),  # every layer, as the reference (default: auto)
     "zero2": (["--fsdp_config.sharding_strategy", "SHARD_GRAD_OP"], {}),
-    "keep1": (["--fsdp_config.keep_gathered_layers", "1"], {}),  # reshard every layer but the last (session 4)
+    "keep1": (["--fsdp_config.keep_gathered_layers", "1"], {}),
+    # the memory plan's budget as a share of the GPU instead of the default (the conventional step's memory)
+    "frac50": (["--fsdp_config.ac_memory_fraction", "0.5"], {}),
+    "frac90": (["--fsdp_config.ac_memory_fraction", "0.9"], {}),  # reshard every layer but the last (session 4)
     "cta8": ([], {"NCCL_MAX_CTAS": "8"}),  # fewer SMs for NCCL: less contention with compute kernels
     "cta4": ([], {"NCCL_MAX_CTAS": "4"}),
     "cta16": ([], {"NCCL_MAX_CTAS": "16"}),
@@ -161,6 +164,7 @@ def run_shardtune(args, name, model, data, work) -> dict:
     text = log.read_text(errors="replace")
     res = dict(who="shardtune", mode=name, rc=rc, rss=rss, first_step_s=first, wall_s=wall, log=str(log))
     metrics = sorted(out_dir.glob("metrics_*.jsonl"))
+    res["diverged"] = "training diverged" in text  # the divergence guard (--divergence_factor, on by default)
     if rc != 0 or not metrics:
         print("   shardtune failed:\n" + "\n".join(text.splitlines()[-25:]), flush=True)
         return res
@@ -170,16 +174,19 @@ def run_shardtune(args, name, model, data, work) -> dict:
     fill = re.search(r"blocks of \d+ tokens \((\d+)% filled\)", text)
     gflop = re.search(r"analytic ([0-9.]+) GFLOP per token", text)
     ac = re.search(r"activation checkpointing:? (?:on for (\d+) of (\d+)|off)", text)
+    estimate = re.search(r"auto: estimated peak ([0-9.]+) GB", text)  # the memory plan's, beside the measured peak
     gathered = re.search(r"the last (\d+) of (\d+) decoder layers stay gathered", text)
     res.update(tps=statistics.median(s["tokens_per_s"] for s in steady),
                mfu=statistics.median(s["mfu"] for s in steady) if steady[0].get("mfu") is not None else None,
                alloc=summary.get("peak_allocated_gb"), reserved=summary.get("peak_reserved_gb"),
                loss_first=steps[0]["loss"], loss=steps[-1]["loss"], fill=fill and int(fill.group(1)),
                gflop_per_token=gflop and float(gflop.group(1)), steps=len(steps),
+               estimate=estimate and float(estimate.group(1)),
                ac=ac and (f"{ac.group(1)}/{ac.group(2)}" if ac.group(1) else "off"),
                gathered=gathered and f"{gathered.group(1)}/{gathered.group(2)}")
     print(f"   shardtune {name}: {res['tps']:.0f} tok/s/gpu, MFU {100 * (res['mfu'] or 0):.1f}%, "
-          f"alloc/reserved {res['alloc']}/{res['reserved']} GB, RSS {rss}, loss {res['loss_first']:.3f}->"
+          f"alloc/reserved {res['alloc']}/{res['reserved']} GB (plan estimate {res['estimate']}), RSS {rss}, "
+          f"loss {res['loss_first']:.3f}->"
           f"{res['loss']:.3f}, first step after {first}s", flush=True)
     return res
 
@@ -192,8 +199,8 @@ def table(results, env) -> str:
     ref = {r["mode"]: r for r in results if r["who"] == "reference"}
     st_mfu = {r["mode"].partition("@")[0]: r for r in results if r["who"] == "shardtune" and r.get("mfu")}
     lines = [f"{env}", "",
-             "| run | tok/s/GPU | vs reference | MFU | peak alloc / reserved GB | host RSS GB per rank | "
-             "loss step 1 -> N | launch to step 1 s |", "|---|---|---|---|---|---|---|---|"]
+             "| run | tok/s/GPU | vs reference | MFU | peak alloc / reserved GB | plan's estimate GB | "
+             "host RSS GB per rank | loss step 1 -> N | launch to step 1 s |", "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         base = ref.get(r["mode"].partition("@")[0])
         ratio = f"{r['tps'] / base['tps']:.2f}x" if r["who"] == "shardtune" and base and base.get("tps") \
@@ -205,9 +212,9 @@ def table(results, env) -> str:
         name = f"{r['who']} {r['mode']}" + (f" (rc={r['rc']})" if r.get("rc") else "") \
             + (f" (AC layers {r['ac']})" if r.get("ac") else "") \
             + (f" (kept gathered {r['gathered']})" if r.get("gathered") else "") \
-            + (f" ({r['fill']}% filled)" if r.get("fill") else "")
+            + (f" ({r['fill']}% filled)" if r.get("fill") else "") + (" (DIVERGED)" if r.get("diverged") else "")
         lines.append(f"| {name} | {fmt(r.get('tps'), '{:,.0f}')} | {ratio} | {fmt(mfu and 100 * mfu)}% | "
-                     f"{fmt(r.get('alloc'))} / {fmt(r.get('reserved'))} | {r.get('rss')} | "
+                     f"{fmt(r.get('alloc'))} / {fmt(r.get('reserved'))} | {fmt(r.get('estimate'))} | {r.get('rss')} | "
                      f"{fmt(r.get('loss_first'), '{:.3f}')} -> {fmt(r.get('loss'), '{:.3f}')} | "
                      f"{fmt(r.get('first_step_s'), '{:.0f}')} |")
     return "\n".join(lines)

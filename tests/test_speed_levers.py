@@ -20,7 +20,7 @@ CUDA, CPU = torch.device("cuda"), torch.device("cpu")  # pick_attention only loo
     ({"attn_implementation": "flash3"}, "--attn_implementation: expected one of auto | sdpa | flex_attention"),
     ({"torch_compile": "sometimes"}, "--torch_compile: expected one of"),
     ({"fsdp_config.ac_every_n_layers": -1}, r"--fsdp_config.ac_every_n_layers: must be in \[0, inf\)"),
-    ({"fsdp_config.ac_memory_fraction": 1.5}, r"--fsdp_config.ac_memory_fraction: must be in \(0, 1\]"),
+    ({"fsdp_config.ac_memory_fraction": 1.5}, r"--fsdp_config.ac_memory_fraction: must be in \[0, 1\]"),
 ])
 def test_bad_flag_values_get_one_line(flags, message):
     with pytest.raises(ConfigError, match=message):

@@ -48,22 +48,25 @@ class fsdp_config:
                                                     "decoder layer's activations are recomputed (non-reentrant) in "
                                                     "every run: under FSDP, on one GPU and on CPU alike.")
     ac_every_n_layers: int = doc(0, "With fsdp_activation_checkpointing, which decoder layers recompute: 0 (auto) "
-                                    "checkpoints the fewest layers that keep the step's estimated peak within "
-                                    "ac_memory_fraction of the GPU (every layer off CUDA); 1 every layer, as the "
+                                    "checkpoints the fewest layers that keep the step's estimated peak within the "
+                                    "memory budget (ac_memory_fraction; every layer off CUDA); 1 every layer, as the "
                                     "reference; n every n-th layer. The choice and its estimate are logged at "
                                     "start (policies/activation_budget.py).", valid="[0, inf)",
                                  needs="fsdp_config.fsdp_activation_checkpointing")
-    ac_memory_fraction: float = doc(0.5, "With ac_every_n_layers 0 or keep_gathered_layers -1 (the automatic "
-                                         "memory plan): the share of each GPU's memory (capped by what is free at "
-                                         "start) the estimated step may use; lower it when other work shares the GPU "
-                                         "or a run runs out of memory.", valid="(0, 1]")
+    ac_memory_fraction: float = doc(0.0, "The automatic memory plan's budget (ac_every_n_layers 0, "
+                                         "keep_gathered_layers -1). 0 (default): no more than the same step takes "
+                                         "the conventional way (every layer checkpointed, the loss over whole "
+                                         "logits, as the reference), so a run reserves no more than the reference "
+                                         "would; f in (0, 1]: f of each GPU's memory, e.g. 0.5 to spend free "
+                                         "memory on speed. Always capped by what is free at start.", valid="[0, 1]")
     keep_gathered_layers: int = doc(-1, "FULL_SHARD / HYBRID_SHARD: how many decoder layers, counted from the last, "
                                         "keep their gathered parameters from forward to backward instead of "
                                         "all-gathering them again in backward (less communication, a layer's full "
                                         "parameters in memory each). -1 (auto) keeps as many as the memory budget "
                                         "(ac_memory_fraction) leaves after activation checkpointing, all of them "
-                                        "when they fit; n keeps the last n (the last layer always stays gathered: "
-                                        "backward needs it first). SHARD_GRAD_OP keeps every layer.",
+                                        "when they fit, only the last on one rank (nothing to communicate); n "
+                                        "keeps the last n (the last layer always stays gathered: backward needs it "
+                                        "first). SHARD_GRAD_OP keeps every layer.",
                                     valid="[-1, inf)", needs="enable_fsdp")
     fsdp_cpu_offload: bool = doc(False, "Keep sharded parameters, gradients and optimizer state in host memory "
                                         "(sharded GPU runs under torchrun with --enable_fsdp only; refused "

@@ -232,7 +232,8 @@ def test_benchmark_harness_short_mode(tmp_path):
 # ---------------------------------------------------------------------------------------------
 def _four_layer_model_and_estimate(tmp_path, shard_size: int):
     """A 4-layer Llama written to tmp_path/model, the micro-batch the memory-plan tests train with, and the plan's
-    estimate for it in pure bf16 with ``shard_size`` ranks sharing the parameters."""
+    estimate for it in pure bf16 with ``shard_size`` ranks sharing the parameters (compiled layers, as on CUDA by
+    default)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from shardtune.models.loss import CausalLMWithLoss
@@ -244,14 +245,17 @@ def _four_layer_model_and_estimate(tmp_path, shard_size: int):
     batch, context = 8, 1024
     with torch.device("meta"):
         model = CausalLMWithLoss(AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir)))
-    mem = AB.estimate_step_memory(model, fsdp_units(model), "bf16_pure", tokens=batch * context, shard_size=shard_size)
+    mem = AB.estimate_step_memory(model, fsdp_units(model), "bf16_pure", tokens=batch * context, shard_size=shard_size,
+                                  compiled=True)
     return model_dir, batch, context, mem
 
 
-def test_auto_activation_checkpointing_plans_within_its_budget_and_above_the_measured_peak(tmp_path):
-    """On a GPU, with the default auto choice: (1) a budget set between the estimates for checkpointing 1 and 2 of
-    4 layers makes the run checkpoint exactly 2, and the log gives the numbers; (2) the estimate is on the safe side:
-    the measured peak allocation of each run is below the estimated peak of its plan."""
+def test_auto_activation_checkpointing_plans_within_its_budget_and_near_the_measured_peak(tmp_path):
+    """On a GPU, with the auto choice: (1) a budget set between the estimates for checkpointing 1 and 2 of 4 layers
+    makes the run checkpoint exactly 2, and the log gives the numbers; a whole GPU checkpoints none; (2) by default
+    the budget is the conventional step's (every layer checkpointed, the loss over whole logits), and with this
+    model's 2,048-token vocabulary the chunked loss saves nothing, so every layer is checkpointed; (3) the estimate is
+    close to what the run reserved: each run's peak reserved memory is at most 10% above its plan's estimate."""
     import re
 
     model_dir, batch, context, mem = _four_layer_model_and_estimate(tmp_path, shard_size=1)
@@ -260,13 +264,15 @@ def test_auto_activation_checkpointing_plans_within_its_budget_and_above_the_mea
     flags = quick_flags(model_dir, enable_fsdp=True, batch_size_training=batch, context_length=context,
                         **{"fsdp_config.pure_bf16": True})
     for name, extra, expected in (("two", ["--fsdp_config.ac_memory_fraction", f"{fraction:.6f}"], 2),
-                                  ("none", [], 0)):
+                                  ("none", ["--fsdp_config.ac_memory_fraction", "1"], 0),
+                                  ("default", [], 4)):
         log = launch(flags + extra, tmp_path / name, nproc=1)
         m = re.search(r"activation checkpointing on for (\d+) of 4 decoder layers \(auto: estimated peak ([0-9.]+) GB "
-                      r"within", log)
+                      r"within the budget ([0-9.]+) GB([^;]*)", log)
         assert m and int(m.group(1)) == expected, log[-3000:]
+        assert ("loss over whole logits" in m.group(4)) == (name == "default"), m.group(0)
         summary = json.loads((tmp_path / name / "summary.json").read_text())
-        assert summary["peak_allocated_gb"] <= float(m.group(2)), (name, summary["peak_allocated_gb"], m.group(2))
+        assert summary["peak_reserved_gb"] <= 1.1 * float(m.group(2)), (name, summary["peak_reserved_gb"], m.group(2))
 
 
 @two_gpus
