@@ -75,9 +75,13 @@ def merge(adapter: Path, output: Path, model_name: Optional[str] = None, dtype: 
     want = _probe_logits(model, probe)
     merged = model.merge_and_unload()
     got = _probe_logits(merged, probe)
-    if not torch.allclose(got, want, rtol=1e-4, atol=1e-4):
-        raise SaveError(f"merging {adapter} into {base} changed the model's output (max difference "
-                        f"{(got - want).abs().max():.3g}); nothing written")
+    # Measured as the relative error of all logits, like the written model's check below: an element-wise bound
+    # failed a real merge (SmolLM2 + a QLoRA adapter: logits ~20 moved by 0.0067 at most, relative error ~1e-6),
+    # since folding B @ A into W rounds each weight once in fp32.
+    merge_err = ((got - want).norm() / want.norm()).item()
+    if not merge_err <= TOLERANCE[torch.float32]:
+        raise SaveError(f"merging {adapter} into {base} changed the model's output (relative logit error "
+                        f"{merge_err:.3g} > {TOLERANCE[torch.float32]}); nothing written")
     print(f"--> merged {adapter} into {base}; writing {str(out_dtype).removeprefix('torch.')} to {output}")
     merged.to(out_dtype)  # the model's own dtype is what config.json records
     export_model(merged, merged.state_dict(), output, tokenizer, dtype=out_dtype)
