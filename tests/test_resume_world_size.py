@@ -1,4 +1,4 @@
-"""Resuming on another number of ranks (1 <-> 2 over gloo; 4 is argued in docs/distributed.md): the model and
+"""Resuming on another number of ranks (1 <-> 2 <-> 4 over gloo): the model and
 optimizer state are resharded, not re-initialised; the data continues from the global position, so that within the
 epoch every sample is trained exactly once (counted by sample id, packing on and off, with and without gradient
 accumulation); the global batch is kept by adjusting gradient accumulation; a change that cannot be honoured is
@@ -84,6 +84,9 @@ DATA_CASES = {
     "packing_1_to_2_ranks_accumulation_2_to_1": ("packing", 1, 2, 2, 1, 2),
     "packing_2_to_1_ranks_accumulation_1_to_2": ("packing", 2, 1, 1, 2, 2),
     "padding_2_to_1_ranks_accumulation_2_to_4": ("padding", 2, 2, 1, 4, 2),
+    "padding_2_to_4_ranks_accumulation_2_to_1": ("padding", 2, 2, 4, 1, 2),
+    "padding_4_to_1_ranks_accumulation_1_to_4": ("padding", 4, 1, 1, 4, 2),
+    "packing_4_to_2_ranks_accumulation_1_to_2": ("packing", 4, 1, 2, 2, 1),
 }
 
 
@@ -171,25 +174,43 @@ STATE_CASES = {
 }
 
 
-@pytest.mark.parametrize("case", sorted(STATE_CASES))
-def test_optimizer_state_is_resharded_one_to_two_to_one_rank(case, record_loaded_optimizer, tiny_llama_dir, tmp_path):
-    """Saved on 1 rank at step 2, resumed on 2 (saved there at step 4), resumed on 1: after each load, the gathered
-    first moments equal the checkpoint's, tensor for tensor."""
+# (case, the layouts in turn as (ranks, gradient accumulation), batch 2 per rank): the first run saves at step 2,
+# each resume trains 2 steps more and saves, the last one step. The accumulation is what the resume sets to keep the
+# checkpoint's global batch (2 on 4 ranks x batch 2 cannot be kept: the nearest, 8). Every case 1 -> 2 -> 1; full
+# fine-tuning 4 -> 2 -> 1 and LoRA 1 -> 4 as well.
+ONE_TWO_ONE = ((1, 1), (2, 1), (1, 2))
+STATE_LAYOUTS = [(case, ONE_TWO_ONE) for case in sorted(STATE_CASES)] + [
+    ("sharded_full_fine_tuning", ((4, 1), (2, 2), (1, 4))),
+    ("sharded_lora", ((1, 1), (4, 1))),
+]
+
+
+@pytest.mark.parametrize("case,layouts", STATE_LAYOUTS,
+                         ids=[f"{c}-{'_'.join(str(w) for w, _ in ls)}" for c, ls in STATE_LAYOUTS])
+def test_optimizer_state_is_resharded_on_another_world_size(case, layouts, record_loaded_optimizer, tiny_llama_dir,
+                                                             tmp_path):
+    """Saved on the first layout at step 2, resumed on each next one in turn (saving at steps 4, 6, ...): after each
+    load, the gathered first moments equal the checkpoint's, tensor for tensor."""
     out = tmp_path / "out"
     kwargs = base_kwargs(tiny_llama_dir, out, save_every_n_steps=2, max_train_step=2, **STATE_CASES[case])
-    run_ranks(1, kwargs, tmp_path / "r1")
-    for world, step_saved, until in ((2, 2, 4), (1, 4, 5)):
-        loaded = tmp_path / f"loaded_{world}.pt"
-        results = run_ranks(world, {**kwargs, "max_train_step": until, "resume_from": "auto"}, tmp_path / f"r{world}",
+    run_ranks(layouts[0][0], kwargs, tmp_path / "r0")
+    for k, (world, accumulation) in enumerate(layouts[1:], start=1):
+        step_saved = 2 * k
+        until = step_saved + (1 if k == len(layouts) - 1 else 2)
+        loaded = tmp_path / f"loaded_{k}.pt"
+        results = run_ranks(world, {**kwargs, "max_train_step": until, "resume_from": "auto"}, tmp_path / f"r{k}",
                             env={"LOADED_OPTIMIZER": str(loaded)})
-        assert f"resuming from {_ckpt_root(out) / f'step_{step_saved:06d}'}" in results[0]["log"]
+        log = results[0]["log"]
+        assert f"resuming from {_ckpt_root(out) / f'step_{step_saved:06d}'}" in log
+        (w0, ga0) = layouts[k - 1]
+        assert f"{w0} x 2 x {ga0} -> {world} x 2 x {accumulation}" in log and "global batch" in log  # the change
         saved = _saved_first_moments(_ckpt_root(out) / f"step_{step_saved:06d}", tmp_path)
         restored = torch.load(loaded, weights_only=True)
         assert sorted(restored) == sorted(saved) and saved
         for name, moment in saved.items():
             assert torch.equal(restored[name], moment), name
         assert any(bool(m.abs().sum() > 0) for m in saved.values())  # trained moments, not a fresh optimizer
-    assert len(step_losses(out)) == 5
+    assert len(step_losses(out)) == 2 * len(layouts) - 1
 
 
 # ---------------------------------------------------------------------------------------------
