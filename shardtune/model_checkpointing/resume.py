@@ -169,7 +169,8 @@ def plan_layout(run: RunConfigs, path: Path, info: dict, world_size: int) -> Opt
     if same_layout and ga == ga0:
         return LayoutPlan(ga, f"--> resume on the saved layout, {layout.split(' -> ')[0]}: continues exactly (the "
                               f"same batches, every rank's RNG streams restored)")
-    why = "--gradient_accumulation_steps given" if given else f"the nearest: not a multiple of {per_micro_step}"
+    why = ("--gradient_accumulation_steps given" if given else
+           f"{target} is not a multiple of {per_micro_step} ranks x batch: the nearest that is")
     batch = f"global batch {target} kept" if now == target else f"global batch {target} -> {now} ({why})"
     if world_size == w0:
         rng = "every rank's RNG streams restored"
