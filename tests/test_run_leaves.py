@@ -4,6 +4,7 @@ terminal, library warnings once under torchrun. Real tiny runs on CPU, real file
 from __future__ import annotations
 
 import io
+import re
 import subprocess
 import sys
 from contextlib import redirect_stderr, redirect_stdout
@@ -100,3 +101,35 @@ def test_plots_cli_without_matplotlib_is_one_error_line(tmp_path):
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and "shardtune[tracking]" in lines[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. --help fits the terminal
+# ---------------------------------------------------------------------------------------------
+def test_help_fits_100_columns_without_breaking_intervals_or_abbreviations():
+    from shardtune.configs.help import format_help
+    from shardtune.configs.run import RunConfigs
+
+    texts = [format_help(width=100)] + [format_help(name, width=100) for name in RunConfigs().by_name()]
+    for text in texts:
+        for line in text.splitlines():
+            assert len(line) <= 100, line
+            words = line.split()
+            # an interval opened on this line is closed on it: "[0," or "(0," never ends a line
+            assert not (words and re.fullmatch(r"[\[(]-?[\w.]+,", words[-1])), line
+            if line.endswith(" ..."):  # a cut description
+                assert words[-2].rstrip(".,") not in ("e.g", "i.e", "cf", "vs"), line
+    # the rows that once cut before their range, or at "e.g", now end with the range or a whole word
+    compact = texts[0]
+    assert re.search(r"^  --context_length .* \[1, inf\)$", compact, re.M)
+    assert not re.search(r"\be\.g\.?$", compact, re.M)
+
+
+def test_help_width_follows_the_terminal_up_to_100(monkeypatch):
+    from shardtune.configs.help import format_help, terminal_width
+
+    for columns, expected in (("80", 80), ("250", 100)):
+        monkeypatch.setenv("COLUMNS", columns)
+        assert terminal_width() == expected
+    monkeypatch.setenv("COLUMNS", "80")
+    assert max(len(line) for line in format_help("train_config").splitlines()) <= 80
