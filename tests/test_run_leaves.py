@@ -4,6 +4,8 @@ terminal, library warnings once under torchrun. Real tiny runs on CPU, real file
 from __future__ import annotations
 
 import io
+import json
+import os
 import re
 import subprocess
 import sys
@@ -133,3 +135,30 @@ def test_help_width_follows_the_terminal_up_to_100(monkeypatch):
         assert terminal_width() == expected
     monkeypatch.setenv("COLUMNS", "80")
     assert max(len(line) for line in format_help("train_config").splitlines()) <= 80
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Library warnings once, from rank 0
+# ---------------------------------------------------------------------------------------------
+def test_library_warning_printed_once_under_torchrun(tiny_llama_dir, tmp_path):
+    """A model whose generation_config.json sets a sampling flag without sampling (as many hub checkpoints
+    do): transformers warns about it while loading, on every rank that loads; the combined output has it once."""
+    import shutil
+
+    from conftest import HANG_TIMEOUT_S
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_llama_dir, model)
+    gen = json.loads((model / "generation_config.json").read_text()) if (model / "generation_config.json").is_file() \
+        else {}
+    (model / "generation_config.json").write_text(json.dumps({**gen, "do_sample": False, "temperature": 0.7}))
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", SHARDTUNE_PG_TIMEOUT_S="600")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(REPO / "finetuning.py"), "--enable_fsdp", "--model_name", model, "--output_dir", tmp_path / "out",
+           "--context_length", "64", "--num_epochs", "1", "--max_train_step", "1", "--run_validation", "False",
+           "--num_workers_dataloader", "0", "--precision", "fp32", "--save_model", "False"]
+    proc = subprocess.run([str(c) for c in cmd], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=HANG_TIMEOUT_S)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    assert len(re.findall(r"generation flags are not valid", out)) == 1, out[-4000:]
