@@ -12,8 +12,11 @@ import os
 import sys
 import time
 import traceback
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Tuple
+
+import transformers
 
 from shardtune.errors import (EXIT_FAILED, EXIT_OK, EXIT_PREEMPTED, EXIT_USAGE, ConfigError, SaveError,
                               TrainingDiverged, first_line)
@@ -153,6 +156,16 @@ def _finish(ending: Ending) -> None:
         _say(ending.line)
 
 
+def _library_warnings_from_rank0_only() -> None:
+    """Every rank runs the same code, so a library's warning (transformers' FutureWarnings, a model's generation
+    config) would print once per rank: ranks other than 0 drop them (Python warnings and transformers' logger).
+    shardtune's own warnings are rank 0's anyway (utils/logging.py); errors still print on every rank."""
+    if distributed.env_rank() == 0:
+        return
+    warnings.filterwarnings("ignore")
+    transformers.logging.set_verbosity_error()
+
+
 def cli(argv=None) -> int:
     """Console entry of one process: ``--help [CONFIG]`` prints the usage and every config's fields (or one
     config's); otherwise train and return the exit status (module docstring)."""
@@ -161,6 +174,7 @@ def cli(argv=None) -> int:
         return _print_help(_help_topic(argv))
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    _library_warnings_from_rank0_only()
     names = _flag_names(argv)
     for name in sorted({n for n in names if names.count(n) > 1}):
         warn(f"--{name} is given {names.count(name)} times; the last value is used")

@@ -246,7 +246,7 @@ def build_observers(run: RunConfigs, model, dist_info: DistInfo, output_dir: Pat
                                      world_size=dist_info.world_size, is_main=dist_info.is_main))
     stamp = time.strftime("%Y%m%d-%H%M%S")
     metrics_path = output_dir / f"metrics_{stamp}.jsonl" if t.save_metrics and dist_info.is_main else None
-    metrics = MetricsWriter(metrics_path, build_trackers(run, output_dir, dist_info.is_main))
+    metrics = MetricsWriter(metrics_path, build_trackers(run, output_dir, dist_info.is_main, metrics_path))
     for closeable in (metrics, *observers):
         cleanup.callback(closeable.close)
     return observers, metrics, model_flops, peak_tflops

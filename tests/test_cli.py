@@ -113,7 +113,7 @@ def test_help_is_a_short_usage_then_one_aligned_row_per_field(capsys):
         for f in fields(cfg):
             assert f.metadata.get("help"), f"{name}.{f.name} has no documentation"
             assert re.search(rf"^  --(({name})\.)?{f.name} ", text, re.M), f"no row for {name}.{f.name}"
-    rows = [ln for ln in text.split("\nfsdp_config: ")[1].split("\n\n")[0].splitlines()[1:]]
+    rows = [ln for ln in text.split("\nfsdp_config: ")[1].split("\n\n")[0].splitlines() if ln.startswith("  --")]
     assert len(rows) == len(fields(C.fsdp_config))  # one line per field, columns aligned
     assert len({ln.index(ln.split()[1], len(ln.split()[0]) + 2) for ln in rows}) == 1
     assert re.search(r"^  --sharding_strategy +choice +FULL_SHARD +FULL_SHARD \| SHARD_GRAD_OP", text, re.M)

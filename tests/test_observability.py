@@ -281,19 +281,19 @@ def test_plot_metrics_writes_pngs(metrics_run, tmp_path):
 
     assert plot_main([metrics_run["summary"]["metrics_file"], "--out_dir", str(tmp_path)]) == 0
     names = sorted(p.name.split("_", 2)[-1] for p in tmp_path.glob("*.png"))
-    assert names == ["loss_by_epoch.png", "loss_by_step.png", "perplexity_by_epoch.png", "perplexity_by_step.png",
-                     "throughput_by_step.png"]
+    assert names == ["loss_by_epoch.png", "loss_by_step.png", "lr_by_step.png", "memory_by_step.png",
+                     "perplexity_by_epoch.png", "perplexity_by_step.png", "throughput_by_step.png"]
     for png in tmp_path.glob("*.png"):
-        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5_000
 
 
 def test_plot_metrics_without_matplotlib(metrics_run, monkeypatch):
     import sys
 
-    from shardtune.observability.plots import plot
+    from shardtune.observability.plots import MatplotlibMissing, plot
 
     monkeypatch.setitem(sys.modules, "matplotlib", None)
-    with pytest.raises(SystemExit, match=r"pip install 'shardtune\[tracking\]'"):
+    with pytest.raises(MatplotlibMissing, match=r"pip install 'shardtune\[tracking\]'"):
         plot(metrics_run["summary"]["metrics_file"])
 
 

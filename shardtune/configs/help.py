@@ -3,7 +3,8 @@
 ``--help`` is a short usage, then per config a title line, its one-sentence docstring and one aligned
 row per field: ``--flag  TYPE  default  doc``. The flag shown is the shortest one that reaches the
 field with the default selections (plain when this config wins the plain name, else
-``--config_name.field``). ``--help fsdp_config`` prints that config alone.
+``--config_name.field``). ``--help fsdp_config`` prints that config alone. Lines fit the terminal (at most
+100 columns); a break never falls inside a word, an interval such as ``[0, inf)`` or after an "e.g.".
 
 A run prints only the settings that differ from the defaults (``changed_settings``); the complete
 resolved config goes to ``<output_dir>/run_config.yaml``.
@@ -37,6 +38,7 @@ usage: finetuning.py [--config FILE] [--FIELD VALUE ...] [--CONFIG.FIELD VALUE .
   Bad input stops before anything is written: one 'error:' line, exit status 2 (--debug: traceback)."""
 
 DEFAULT_WIDTH = 18  # default column; a longer default pushes its doc text to the next line
+MAX_WIDTH, MIN_WIDTH = 100, 60  # --help wraps to the terminal, within these
 
 
 def _type_text(tp) -> str:
@@ -78,6 +80,36 @@ def _flag_for(run: RunConfigs, config_name: str, field_name: str) -> str:
     return f"--{config_name}.{field_name}"
 
 
+NBSP = "\u00a0"  # glues what must stay on one line; textwrap does not break at it, and it prints as a space
+_INTERVAL = re.compile(r"[\[(]-?[\w.]+, -?[\w.]+[\])]")  # [0, inf), (0, 1]
+_ABBREVIATION = re.compile(r"\b(e\.g\.|i\.e\.|cf\.|vs\.|etc\.) ")  # not a sentence's end; kept with the next word
+MIN_DOC_ROOM = 24  # narrower than this beside the columns, a field's doc starts on its own line
+DOC_INDENT = 8
+
+
+def _glued(text: str) -> str:
+    """``text`` with the spaces inside intervals and after abbreviations made unbreakable."""
+    text = _INTERVAL.sub(lambda m: m.group(0).replace(" ", NBSP), text)
+    return _ABBREVIATION.sub(lambda m: m.group(1) + NBSP, text)
+
+
+def _wrap(text: str, width: int, first: str = "", indent: str = "") -> List[str]:
+    """``first + text`` wrapped to ``width`` (later lines start with ``indent``); never breaks a word, an
+    interval or an abbreviation from its word."""
+    wrapper = textwrap.TextWrapper(width=width, initial_indent=first, subsequent_indent=indent,
+                                   break_long_words=False, break_on_hyphens=False)
+    return [line.replace(NBSP, " ") for line in wrapper.wrap(_glued(text))] or [first.rstrip()]
+
+
+def _cut(text: str, room: int) -> str:
+    """The first sentence of a field's help, cut at a word to fit ``room`` (then ``...``), with the spaces of its
+    intervals and abbreviations glued: the cut never ends inside one, nor on an "e.g"."""
+    text = re.split(r"(?<=\.) ", _glued(text), maxsplit=1)[0].rstrip(".")
+    if len(text) > room:
+        text = text[:max(room - 4, 10)].rsplit(" ", 1)[0].rstrip(" ,;:(") + " ..."
+    return text
+
+
 def _doc_text(cfg, f, full: bool, room: int = 0) -> str:
     """The field's help: whole (``--help CONFIG``, with its choices and what it needs to take effect) or its first
     sentence cut to ``room`` (``--help``), with its range and whether it is deprecated or refused (never cut)."""
@@ -94,17 +126,14 @@ def _doc_text(cfg, f, full: bool, room: int = 0) -> str:
         notes.append(f"Refused when set: {f.metadata['unsupported']}." if full else "(refused when set)")
     if full:
         return " ".join([text] + notes)
-    text = re.split(r"(?<=\.)\s", text, maxsplit=1)[0].rstrip(".")
-    suffix = "".join(" " + n for n in notes)
-    room -= len(suffix)
-    if len(text) > room:
-        text = text[:max(room - 4, 10)].rsplit(" ", 1)[0] + " ..."
-    return text + suffix
+    suffix = _glued("".join(" " + n for n in notes))
+    return (_cut(text, room - len(suffix)) + suffix).replace(NBSP, " ")
 
 
 def format_config(run: RunConfigs, name: str, width: int, full: bool = True) -> List[str]:
     """One config: ``name: sentence`` and a row per field. ``full``: whole help texts, wrapped under the doc
-    column; otherwise each row is one line with the first sentence (``--help CONFIG`` has the rest)."""
+    column; otherwise each row is one line with the first sentence (``--help CONFIG`` has the rest). Where the
+    columns leave the doc too little room (a narrow terminal), it goes on the lines below, indented."""
     cfg = run.by_name()[name]
     types = _field_types(cfg)
     rows = [(_flag_for(run, name, f.name), _type_text(types[f.name]), _default_text(getattr(cfg, f.name)), f)
@@ -113,30 +142,53 @@ def format_config(run: RunConfigs, name: str, width: int, full: bool = True) -> 
     type_w = max(len(r[1]) for r in rows)
     default_w = min(DEFAULT_WIDTH, max(len(r[2]) for r in rows))
     indent = 2 + flag_w + 2 + type_w + 2 + default_w + 2
-    wrap = textwrap.TextWrapper(width=max(width, indent + 30), subsequent_indent=" " * indent)
-    lines = [f"{name}: {_title(cfg)}"]
+    longest_word = max((len(w) for r in rows for w in _glued(_doc_text(cfg, r[3], full)).split(" ")), default=0)
+    if width - indent < max(MIN_DOC_ROOM, longest_word if full else 0):
+        indent = DOC_INDENT  # the docs go below their flags, where every word fits
+    lines = _wrap(_title(cfg), width, f"{name}: ", "  ")
     for flag, tp, default, f in rows:
         head = f"  {flag:<{flag_w}}  {tp:<{type_w}}  {default:<{default_w}}  "
-        if len(head) > indent:  # an over-long default: its doc starts on the next line, aligned
+        if len(head) > indent:  # an over-long default or a narrow terminal: the doc starts on the next line
             lines.append(head.rstrip())
             head = " " * indent
-        text = _doc_text(cfg, f, full, max(width - indent, 30))
-        lines.append(wrap.fill(head + text) if full else head + text)
+        if full:
+            lines += _wrap(_doc_text(cfg, f, True), width, head, " " * indent)
+        else:
+            line = head + _doc_text(cfg, f, False, width - indent)
+            if len(line) > width:  # its range or note alone fills the room: the doc goes below, indented
+                lines.append(head.rstrip())
+                line = " " * DOC_INDENT + _doc_text(cfg, f, False, width - DOC_INDENT)
+            lines.append(line)
     return lines
+
+
+def _usage(width: int) -> List[str]:
+    """USAGE, each line longer than ``width`` wrapped under its own description column."""
+    lines = []
+    for line in USAGE.splitlines():
+        column = re.match(r"\s*\S.*?\s{2,}(?=\S)", line)
+        indent = " " * (len(column.group(0)) if column and len(column.group(0)) < width // 2 else 4)
+        lines += _wrap(line.lstrip(), width, line[:len(line) - len(line.lstrip())], indent) if line else [""]
+    return lines
+
+
+def terminal_width() -> int:
+    """The terminal's columns, at most MAX_WIDTH (long lines read badly) and at least MIN_WIDTH."""
+    return max(MIN_WIDTH, min(shutil.get_terminal_size((MAX_WIDTH, 24)).columns, MAX_WIDTH))
 
 
 def format_help(config: Optional[str] = None, width: Optional[int] = None) -> str:
     """The ``--help`` text: usage and every config with one line per field; or, when ``config`` names one,
-    that config with its fields' whole help texts."""
+    that config with its fields' whole help texts. ``width``: the terminal's (terminal_width)."""
     run = RunConfigs()
-    width = width or max(shutil.get_terminal_size((120, 24)).columns, 100)
+    width = width or terminal_width()
     names = list(run.by_name())
     if config is not None:
         if config not in names:
             raise ConfigError(f"--help: no config {config!r}; configs: {', '.join(names)}")
         return "\n".join(format_config(run, config, width, full=True))
-    lines = [USAGE, "", textwrap.fill("configs (--help CONFIG shows one, with each field's whole help): "
-                                      + ", ".join(names), width=width, subsequent_indent="  ")]
+    lines = _usage(width) + [""] + _wrap("configs (--help CONFIG shows one, with each field's whole help): "
+                                         + ", ".join(names), width, "", "  ")
     for name in names:
         lines += [""] + format_config(run, name, width, full=False)
     return "\n".join(lines)
@@ -163,4 +215,4 @@ def format_changed_settings(run: RunConfigs) -> str:
     return yaml.safe_dump(changed, sort_keys=False, width=1000).rstrip()
 
 
-__all__ = ["format_help", "format_config", "changed_settings", "format_changed_settings", "USAGE"]
+__all__ = ["format_help", "format_config", "terminal_width", "changed_settings", "format_changed_settings", "USAGE"]

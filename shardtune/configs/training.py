@@ -131,8 +131,9 @@ class train_config:
                                          "anyway.", needs="resume_from")
     overwrite_output_dir: bool = doc(False, "Start afresh in an output_dir that holds an earlier run's model or "
                                             "checkpoints, deleting them (without it such a run stops with one line).")
-    save_metrics: bool = doc(False, "Append per-step and per-epoch metrics to <output_dir>/metrics_<time>.jsonl "
-                                    "(rank 0; plot with python -m shardtune.observability.plots FILE).")
+    save_metrics: bool = doc(True, "Append per-step and per-epoch metrics to <output_dir>/metrics_<time>.jsonl and "
+                                   "redraw their PNG plots in <output_dir>/plots/ at each evaluation and at the end "
+                                   "(rank 0; plots need matplotlib). --save_metrics False turns them off.")
     # ---- observability -----------------------------------------------------------------------
     log_every_n_steps: int = doc(1, "Print one metrics line every N optimizer steps (rank 0).", valid="[1, inf)")
     peak_tflops: float = doc(0.0, "Accelerator dense bf16 peak in TFLOP/s for MFU (0: look it up from the device "

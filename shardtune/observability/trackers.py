@@ -1,10 +1,12 @@
-"""Experiment trackers: Weights & Biases (--use_wandb) and TensorBoard (--use_tensorboard).
+"""Experiment trackers: Weights & Biases (--use_wandb), TensorBoard (--use_tensorboard) and the PNG plots.
 
 Both are optional extras (``pip install 'shardtune[tracking]'``); :func:`check_trackers` runs before the
 model loads and turns a missing package into one ConfigError line. Trackers live on rank 0 only and are
 fed by MetricsWriter (observability/metrics.py): every ``train_step`` record becomes ``train/<field>`` scalars at
 its step, every ``epoch`` record ``epoch/<field>`` (train) and ``eval/<field>`` scalars at the step where
-the epoch ended.
+the epoch ended. The plots (on by default with --save_metrics) are redrawn from the metrics file into
+``<output_dir>/plots/`` after each evaluation and when the run ends; without matplotlib the run warns once and
+goes on without them.
 """
 from __future__ import annotations
 
@@ -15,9 +17,9 @@ from typing import Dict, List
 
 from shardtune.configs.run import RunConfigs
 from shardtune.errors import ConfigError
-from shardtune.utils.logging import log
+from shardtune.observability.plots import INSTALL, plot
+from shardtune.utils.logging import log, warn
 
-INSTALL = "pip install 'shardtune[tracking]'"
 _STEP_FIELDS = ("loss", "perplexity", "lr", "grad_norm", "tokens_per_s", "tflops", "mfu", "peak_mem_gb",
                 "step_time_s")
 _WANDB_MODES = (None, "online", "offline", "disabled", "shared")
@@ -114,11 +116,53 @@ class TensorBoardTracker(_Tracker):
             self.writer = None
 
 
-def build_trackers(run: RunConfigs, output_dir: Path, is_main: bool) -> List[object]:
-    """The trackers asked for, on rank 0 (an empty list elsewhere)."""
+class PlotsTracker:
+    """Redraws the PNGs of observability/plots.py from the run's metrics file (already flushed: MetricsWriter
+    writes a record to the file before handing it to the trackers) after each evaluation and at close. The
+    evaluation that ends the run is left to close, which follows at once: one redraw, not two."""
+
+    def __init__(self, metrics_path: Path, plots_dir: Path, num_epochs: int, max_train_step: int):
+        self.metrics_path, self.plots_dir = Path(metrics_path), Path(plots_dir)
+        self.num_epochs, self.max_train_step = num_epochs, max_train_step
+        self.records = 0  # nothing written: nothing to draw (a run that failed before its first step)
+        self.drawn_at = -1  # records count at the last redraw
+
+    def _ends_run(self, values: dict) -> bool:
+        last_epoch = values.get("epoch", 0) + 1 >= self.num_epochs
+        return last_epoch or bool(self.max_train_step and (values.get("step") or 0) >= self.max_train_step)
+
+    def write(self, kind: str, values: dict) -> None:
+        self.records += 1
+        if kind == "epoch" and not self._ends_run(values):
+            self.redraw()
+
+    def redraw(self) -> None:
+        if self.records == 0 or self.drawn_at == self.records:
+            return
+        self.drawn_at = self.records
+        try:
+            plot(self.metrics_path, self.plots_dir)
+        except Exception as exc:  # the plots are a convenience: a failure to draw them must not end the run
+            warn(f"could not draw the plots in {self.plots_dir} ({type(exc).__name__}: {exc}); the metrics are in "
+                 f"{self.metrics_path}")
+            self.records = self.drawn_at = -1  # no further attempts (and no second warning)
+
+    def close(self) -> None:
+        self.redraw()
+
+
+def build_trackers(run: RunConfigs, output_dir: Path, is_main: bool, metrics_path: Path = None) -> List[object]:
+    """The trackers asked for, on rank 0 (an empty list elsewhere); the plots whenever there is a metrics file."""
     if not is_main:
         return []
     trackers: List[object] = []
+    if metrics_path is not None:
+        if _missing("matplotlib"):
+            warn(f"no plots in {Path(output_dir) / 'plots'}: they need matplotlib ({INSTALL}); the metrics are in "
+                 f"{metrics_path}")
+        else:
+            trackers.append(PlotsTracker(metrics_path, Path(output_dir) / "plots", run.train.num_epochs,
+                                         run.train.max_train_step))
     if run.train.use_wandb:
         trackers.append(WandbTracker(run, output_dir))
     if run.train.use_tensorboard:
@@ -126,4 +170,5 @@ def build_trackers(run: RunConfigs, output_dir: Path, is_main: bool) -> List[obj
     return trackers
 
 
-__all__ = ["check_trackers", "build_trackers", "WandbTracker", "TensorBoardTracker", "scalars", "INSTALL"]
+__all__ = ["check_trackers", "build_trackers", "WandbTracker", "TensorBoardTracker", "PlotsTracker", "scalars",
+           "INSTALL"]
