@@ -176,12 +176,14 @@ STATE_CASES = {
 
 # (case, the layouts in turn as (ranks, gradient accumulation), batch 2 per rank): the first run saves at step 2,
 # each resume trains 2 steps more and saves, the last one step. The accumulation is what the resume sets to keep the
-# checkpoint's global batch (2 on 4 ranks x batch 2 cannot be kept: the nearest, 8). Every case 1 -> 2 -> 1; full
-# fine-tuning 4 -> 2 -> 1 and LoRA 1 -> 4 as well.
+# checkpoint's global batch (2 on 4 ranks x batch 2 cannot be kept: the nearest, 8). Every case 1 -> 2 -> 1; sharded
+# full fine-tuning 4 -> 2 -> 1, LoRA 1 -> 4, full-state-dict full fine-tuning and the LLaMA-Adapter 4 -> 1 as well.
 ONE_TWO_ONE = ((1, 1), (2, 1), (1, 2))
 STATE_LAYOUTS = [(case, ONE_TWO_ONE) for case in sorted(STATE_CASES)] + [
     ("sharded_full_fine_tuning", ((4, 1), (2, 2), (1, 4))),
     ("sharded_lora", ((1, 1), (4, 1))),
+    ("full_state_dict_full_fine_tuning", ((4, 1), (1, 4))),
+    ("sharded_llama_adapter", ((4, 1), (1, 4))),
 ]
 
 
