@@ -98,9 +98,10 @@ def test_real_entry_point_prints_no_traceback(tmp_path):
     assert proc.stderr.strip().splitlines()[-1].startswith("error: --fsdp_config.sharding_strategy: expected one of")
 
 
-def test_help_is_a_short_usage_then_one_aligned_row_per_field(capsys):
+def test_help_is_a_short_usage_then_one_aligned_row_per_field(capsys, monkeypatch):
     from shardtune.configs.help import USAGE, format_help
 
+    monkeypatch.setenv("COLUMNS", "100")  # a terminal of the widest --help (pytest-xdist workers report 80 columns)
     assert cli(["--help"]) == 0
     text = capsys.readouterr().out
     assert text == format_help() + "\n" and text.startswith(USAGE)
