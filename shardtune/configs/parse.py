@@ -34,6 +34,7 @@ from shardtune.configs.presets import DEMO_PRESET
 from shardtune.configs.run import RunConfigs
 from shardtune.configs.validate import validate
 from shardtune.errors import ConfigError, first_line
+from shardtune.utils.io import read_text
 
 # ---------------------------------------------------------------------------------------------
 # Type coercion
@@ -170,13 +171,7 @@ def load_config_file(path: str, run: RunConfigs) -> Dict[str, Any]:
         raise ConfigError(f"--config: {path} is a directory, not a file (give a YAML or JSON file of config keys)")
     if not p.is_file():
         raise ConfigError(f"--config: file not found: {path} (give a YAML or JSON file of config keys)")
-    try:
-        text = p.read_bytes().decode("utf-8-sig")  # a byte-order mark, as some Windows editors write, is fine
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"--config: {path} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset "
-                          f"{exc.start}); re-save it as UTF-8") from None
-    except OSError as exc:
-        raise ConfigError(f"--config: cannot read {path}: {exc.strerror or exc}") from None
+    text = read_text(p, "--config")
     try:
         if p.suffix == ".json":
             data = json.loads(text)

@@ -13,6 +13,7 @@ from typing import Dict, List, Sequence, Tuple
 
 from shardtune.errors import ConfigError
 from shardtune.models.loss import IGNORE_INDEX
+from shardtune.utils.io import read_text
 from shardtune.utils.logging import warn
 
 VAL_FRACTION = 0.05
@@ -34,20 +35,6 @@ def require_file(path: str, flag: str, how_to_get: str) -> Path:
     if not p.is_file():
         raise file_not_found(flag, path, how_to_get)
     return p
-
-
-def read_text(path: Path, flag: str) -> str:
-    """A data file's text; anything but UTF-8 (a UTF-8 byte-order mark is fine) is one error line."""
-    try:
-        data = path.read_bytes()
-    except OSError as exc:  # permissions, a FIFO that went away, an I/O error
-        raise ConfigError(f"{flag}: cannot read {path}: {exc.strerror or exc}") from None
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        guess = " (it looks like UTF-16)" if data[:2] in (b"\xff\xfe", b"\xfe\xff") else ""
-        raise ConfigError(f"{flag}: {path} is not UTF-8 text{guess}: byte 0x{data[exc.start]:02x} at offset "
-                          f"{exc.start}; re-save the file as UTF-8") from None
 
 
 _JSON_TYPES = {list: "array", str: "string", int: "number", float: "number", bool: "boolean", type(None): "null"}

@@ -10,8 +10,9 @@ import csv
 import io
 from typing import List
 
-from shardtune.datasets.common import drop_empty, read_text, require_file
+from shardtune.datasets.common import drop_empty, require_file
 from shardtune.errors import ConfigError
+from shardtune.utils.io import read_text
 
 PROMPT = "Correct this to standard English: {input}\n---\nCorrected: "
 SOURCE = ("a CSV with input,target columns, e.g. {name} written by llama-recipes' grammar_dataset_process.ipynb "

@@ -14,6 +14,8 @@ import uuid
 from pathlib import Path
 from typing import Iterator, Union
 
+from shardtune.errors import ConfigError
+
 PathLike = Union[str, Path]
 TMP_MARKER = ".tmp-"
 
@@ -120,3 +122,16 @@ def remove_new_files_on_error(folder: PathLike, errors=(Exception,)) -> Iterator
         raise
 
 
+def read_text(path: Path, flag: str) -> str:
+    """A data or config file's text; anything but UTF-8 (a UTF-8 byte-order mark, as some Windows editors write,
+    is fine) is one error line naming ``flag`` and the file."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:  # permissions, a FIFO that went away, an I/O error
+        raise ConfigError(f"{flag}: cannot read {path}: {exc.strerror or exc}") from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        guess = " (it looks like UTF-16)" if data[:2] in (b"\xff\xfe", b"\xfe\xff") else ""
+        raise ConfigError(f"{flag}: {path} is not UTF-8 text{guess}: byte 0x{data[exc.start]:02x} at offset "
+                          f"{exc.start}; re-save the file as UTF-8") from None
