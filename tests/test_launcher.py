@@ -154,3 +154,50 @@ def test_killing_the_launcher_stops_the_workers_and_keeps_the_checkpoints(launch
     assert saved and all(not verify(ckpt_root / name).problems for name in saved)
     assert int(saved[-1].split("_")[1]) == steps_logged(out_dir)  # the step it stopped after is saved
     assert outcome(out_dir)["outcome"] == "preempted"
+
+
+# A worker whose launcher dies (the launcher: a Python process that starts the worker and waits, killed by the test).
+# The worker arms the watcher, optionally trains (enters and leaves a StopRequest: a peer noticed the death first and
+# the agreed stop is done), waits until its launcher is gone and the watcher has seen it, then ends by itself.
+_ORPHANED_WORKER = r"""
+import os, sys, time
+from pathlib import Path
+from shardtune.training import preemption
+from shardtune.utils.signals import PARENT_POLL_S
+marks, trained = Path(sys.argv[1]), sys.argv[2] == "trained"
+preemption.stop_when_launcher_dies(lambda line: (marks / "gave_up").write_text(line))
+if trained:
+    with preemption.StopRequest():
+        pass
+(marks / "armed").write_text("")
+launcher = os.getppid()
+while os.getppid() == launcher:
+    time.sleep(0.05)
+time.sleep(4 * PARENT_POLL_S)  # the watcher has looked at the parent again meanwhile
+if not (marks / "gave_up").exists():
+    (marks / "finished").write_text("")
+"""
+
+
+@pytest.mark.parametrize("trained", [False, True], ids=["before_training", "after_the_agreed_stop"])
+def test_a_dead_launcher_gives_up_at_once_only_before_training(trained, tmp_path):
+    """After training (the stop agreed because a peer saw the death first, or an export in progress) the worker
+    finishes by itself within the launcher's grace; before training there is nothing to save, it gives up at once."""
+    worker = tmp_path / "worker.py"
+    worker.write_text(_ORPHANED_WORKER)
+    launcher = subprocess.Popen([sys.executable, "-c", "import subprocess, sys; subprocess.run(sys.argv[1:])",
+                                 sys.executable, str(worker), str(tmp_path), "trained" if trained else "fresh"],
+                                env={**ENV, "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": str(HANG_TIMEOUT_S)}, cwd=REPO)
+    try:
+        wait_for(lambda: (tmp_path / "armed").exists(), launcher, "the worker armed")
+        launcher.kill()
+        launcher.wait()
+        deadline = time.monotonic() + HANG_TIMEOUT_S
+        while not any((tmp_path / m).exists() for m in ("gave_up", "finished")) and time.monotonic() < deadline:
+            time.sleep(0.1)
+    finally:
+        launcher.kill()
+    if trained:
+        assert (tmp_path / "finished").exists() and not (tmp_path / "gave_up").exists()
+    else:
+        assert "nothing to save yet" in (tmp_path / "gave_up").read_text()

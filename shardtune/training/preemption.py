@@ -35,6 +35,7 @@ LAUNCHER_DIED = int(signal.SIGHUP)  # the stop's reason when the launcher died (
 GIVE_UP_AFTER_S = float(os.environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT") or 30)
 
 _active: Optional["StopRequest"] = None  # the request installed now (the training loop's), if any
+_trained = False  # a request was installed and has been left: the run is past training (saving, exporting, ending)
 
 
 def _reason(signum: int) -> str:
@@ -84,8 +85,8 @@ class StopRequest:
         return self
 
     def __exit__(self, *exc) -> None:
-        global _active
-        _active = None
+        global _active, _trained
+        _active, _trained = None, True
         for sig, previous in self._previous.items():
             signal.signal(sig, previous)
         self._previous = {}
@@ -116,14 +117,19 @@ def stop_when_launcher_dies(give_up: Callable[[str], None]) -> None:
     ``give_up(line)`` (report, one line) and exits 1 at once."""
 
     def launcher_died(pid: int) -> None:
-        request = _active
+        request, finishing = _active, _trained
         if request is not None:
             log(f"--> the launcher (pid {pid}) died: stopping after this step (a checkpoint), within "
                 f"{GIVE_UP_AFTER_S:.0f} s")
             request.ask(LAUNCHER_DIED)
-            time.sleep(GIVE_UP_AFTER_S)  # the main thread exits meanwhile (this thread is a daemon), normally
-        what = "the checkpoint did not finish in time" if request is not None else "nothing to save yet"
-        give_up(f"the launcher (pid {pid}) died; stopped ({what})")
+        if request is not None or finishing:
+            # Training is stopping, or has stopped already (a peer noticed the death first and the agreed stop
+            # is being written, or the run is exporting): the main thread ends the process meanwhile, normally
+            # (this thread is a daemon).
+            time.sleep(GIVE_UP_AFTER_S)
+            give_up(f"the launcher (pid {pid}) died; stopped (the checkpoint did not finish in time)")
+        else:
+            give_up(f"the launcher (pid {pid}) died; stopped (nothing to save yet)")
         os._exit(EXIT_FAILED)
 
     watch_parent(launcher_died)
