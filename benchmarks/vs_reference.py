@@ -4,6 +4,13 @@
         --data alpaca_data.json --shape llama3.2-1b --nproc 1 --steps 20 --runs full_ac,full_noac,lora \
         --st_only default_ac,full_ac@sdpa,full_ac@nocompile
     python3 benchmarks/vs_reference.py --out /tmp/x --short      # harness check: 2 layers, 4 steps
+    python3 benchmarks/vs_reference.py ... --runs full_ac --whole_run 20 --repeat   # launch to saved model
+
+``--whole_run N``: the run users pay for, launch to the saved model: validation on (N eval batches), the end
+checkpoint (SHARDED_STATE_DICT into --dist_checkpoint_folder fine-tuned) and, for shardtune, the exported model;
+the table gains the wall time, the host peak RSS (saving included) and shardtune's phases (summary.json).
+``--repeat``: each shardtune run a second time with the same command and output folder (its data cache and the
+compile cache warm), as a user's second launch.
 
 1. Builds the model shape once (benchmarks/make_random_model.py: random bf16 weights, real vocabulary)
    and writes the first --samples Alpaca records to one JSON file; both launchers read the same files.
@@ -109,13 +116,23 @@ class RssSampler(threading.Thread):
         return sorted(round(v / 2 ** 30, 1) for v in self.peaks.values()), self.first_step_at
 
 
+def run_flags(args, out_dir: Path) -> list:
+    """Validation and saving: off for step-rate runs; on for --whole_run (the same flags for both tools)."""
+    if not args.whole_run:
+        return ["--run_validation", "False", "--save_model", "False"]
+    return ["--run_validation", "True", "--max_eval_step", str(args.whole_run), "--save_model", "True",
+            "--dist_checkpoint_root_folder", str(out_dir / "checkpoints"), "--dist_checkpoint_folder", "fine-tuned"]
+
+
 def run_reference(args, mode, model, data, work) -> dict:
     log = work / f"ref_{mode}.log"
+    out_dir = work / f"ref_out_{mode}"
+    shutil.rmtree(out_dir, ignore_errors=True)
     flags = ["--model_name", str(model), "--enable_fsdp", "--use_fast_kernels", *MODES[mode],
              "--dataset", "alpaca_dataset", "--alpaca_dataset.data_path", str(data),
              "--batch_size_training", str(args.batch), "--context_length", str(args.context),
-             "--run_validation", "False", "--save_model", "False", "--num_epochs", "1",
-             "--max_train_step", str(args.steps), "--output_dir", str(work / f"ref_out_{mode}")]
+             *run_flags(args, out_dir), "--num_epochs", "1",
+             "--max_train_step", str(args.steps), "--output_dir", str(out_dir)]
     sampler = RssSampler("llama_cookbook.finetuning", log, r"completed \(loss")
     sampler.start()
     t0 = time.time()
@@ -129,27 +146,33 @@ def run_reference(args, mode, model, data, work) -> dict:
                                                   res=r"peak_reserved_GB=([0-9.?]+)", rss=r"per_rank=(\[[^\]]*\])",
                                                   loss=r"loss=([0-9.]+)->([0-9.]+)").items()}
     num = lambda x: float(x) if x not in (None, "?") else None  # noqa: E731
+    text = log.read_text(errors="replace")
+    evals = re.findall(r"eval_ppl=.*?eval_epoch_loss=tensor\(([0-9.]+)", text)
     return dict(who="reference", mode=mode, rc=proc.returncode, tps=num(m["tps"] and m["tps"].group(1)),
+                eval_loss=num(evals[-1]) if evals else None,
                 alloc=num(m["alloc"] and m["alloc"].group(1)), reserved=num(m["res"] and m["res"].group(1)),
                 rss=json.loads(m["rss"].group(1)) if m["rss"] else [],
                 loss_first=num(m["loss"] and m["loss"].group(1)), loss=num(m["loss"] and m["loss"].group(2)),
                 first_step_s=first, wall_s=wall, log=str(log))
 
 
-def run_shardtune(args, name, model, data, work) -> dict:
+def run_shardtune(args, name, model, data, work, again: bool = False) -> dict:
+    """One shardtune run; ``again``: the second launch of the same command into the same output folder."""
     mode, _, levers = name.partition("@")  # levers combine: mode@zero2+cta8
     extra, env_extra = [], {}
     for lever in filter(None, levers.split("+")):
         extra, env_extra = extra + LEVERS[lever][0], {**env_extra, **LEVERS[lever][1]}
     tag = re.sub(r"[@+]", "_", name)
     out_dir = work / f"st_out_{tag}"
-    shutil.rmtree(out_dir, ignore_errors=True)
-    log = work / f"st_{tag}.log"
+    if not again:
+        shutil.rmtree(out_dir, ignore_errors=True)
+    log = work / f"st_{tag}{'_again' if again else ''}.log"
     flags = ["--model_name", str(model), "--enable_fsdp", "--use_fast_kernels", *MODES[mode], *extra,
              "--dataset", "alpaca_dataset", "--alpaca_dataset.data_path", str(data),
              "--batch_size_training", str(args.batch), "--context_length", str(args.context),
-             "--run_validation", "False", "--save_model", "False", "--num_epochs", "1",
-             "--max_train_step", str(args.steps), "--output_dir", str(out_dir), "--save_metrics", "True"]
+             *run_flags(args, out_dir), "--num_epochs", "1",
+             "--max_train_step", str(args.steps), "--output_dir", str(out_dir), "--save_metrics", "True",
+             *(["--overwrite_output_dir"] if again else [])]  # keeps the data cache, replaces the results
     env = dict(os.environ, PYTHONUNBUFFERED="1", **env_extra)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
     sampler = RssSampler(str(REPO / "finetuning.py"), log, r"(?m)^step 1 \|")
@@ -162,7 +185,8 @@ def run_shardtune(args, name, model, data, work) -> dict:
     wall = time.time() - t0
     rss, first = sampler.result()
     text = log.read_text(errors="replace")
-    res = dict(who="shardtune", mode=name, rc=rc, rss=rss, first_step_s=first, wall_s=wall, log=str(log))
+    res = dict(who="shardtune", mode=name + (" (again)" if again else ""), rc=rc, rss=rss, first_step_s=first,
+               wall_s=wall, log=str(log))
     metrics = sorted(out_dir.glob("metrics_*.jsonl"))
     res["diverged"] = "training diverged" in text  # the divergence guard (--divergence_factor, on by default)
     if rc != 0 or not metrics:
@@ -183,7 +207,8 @@ def run_shardtune(args, name, model, data, work) -> dict:
                gflop_per_token=gflop and float(gflop.group(1)), steps=len(steps),
                estimate=estimate and float(estimate.group(1)),
                ac=ac and (f"{ac.group(1)}/{ac.group(2)}" if ac.group(1) else "off"),
-               gathered=gathered and f"{gathered.group(1)}/{gathered.group(2)}")
+               gathered=gathered and f"{gathered.group(1)}/{gathered.group(2)}",
+               eval_loss=summary.get("eval_loss"), phases=summary.get("phases_s"))
     print(f"   shardtune {name}: {res['tps']:.0f} tok/s/gpu, MFU {100 * (res['mfu'] or 0):.1f}%, "
           f"alloc/reserved {res['alloc']}/{res['reserved']} GB (plan estimate {res['estimate']}), RSS {rss}, "
           f"loss {res['loss_first']:.3f}->"
@@ -217,6 +242,15 @@ def table(results, env) -> str:
                      f"{fmt(r.get('alloc'))} / {fmt(r.get('reserved'))} | {fmt(r.get('estimate'))} | {r.get('rss')} | "
                      f"{fmt(r.get('loss_first'), '{:.3f}')} -> {fmt(r.get('loss'), '{:.3f}')} | "
                      f"{fmt(r.get('first_step_s'), '{:.0f}')} |")
+    if any(r.get("eval_loss") is not None or r.get("phases") for r in results):  # --whole_run
+        lines += ["", "| run | launch to saved model s | launch to step 1 s | host peak RSS GB per rank | eval loss | "
+                  "phases s |", "|---|---|---|---|---|---|"]
+        for r in results:
+            phases = ", ".join(f"{k} {v:.1f}" for k, v in (r.get("phases") or {}).items()
+                               if isinstance(v, (int, float)))
+            lines.append(f"| {r['who']} {r['mode']} | {fmt(r.get('wall_s'), '{:.0f}')} | "
+                         f"{fmt(r.get('first_step_s'), '{:.0f}')} | {r.get('rss')} | "
+                         f"{fmt(r.get('eval_loss'), '{:.3f}')} | {phases or '-'} |")
     return "\n".join(lines)
 
 
@@ -236,6 +270,9 @@ def main():
     ap.add_argument("--context", type=int, default=4096)
     ap.add_argument("--runs", default="full_ac,full_noac,lora", help="modes run by both launchers")
     ap.add_argument("--st_only", default="default_ac", help="shardtune-only runs: mode or mode@lever")
+    ap.add_argument("--whole_run", type=int, default=0, metavar="N",
+                    help="validation (N eval batches) and saving on: launch to saved model (module docstring)")
+    ap.add_argument("--repeat", action="store_true", help="each shardtune run twice (the second: warm caches)")
     ap.add_argument("--short", action="store_true", help="harness check: 2 layers, 4 steps, context 512, full_ac")
     args = ap.parse_args()
     if args.short:
@@ -274,9 +311,13 @@ def main():
             results.append(run_reference(args, mode, model, data, logs))
         print(f"-- shardtune {mode}", flush=True)
         results.append(run_shardtune(args, mode, model, data, logs))
+        if args.repeat:
+            results.append(run_shardtune(args, mode, model, data, logs, again=True))
     for name in [m for m in args.st_only.split(",") if m]:
         print(f"-- shardtune {name}", flush=True)
         results.append(run_shardtune(args, name, model, data, logs))
+        if args.repeat:
+            results.append(run_shardtune(args, name, model, data, logs, again=True))
     text = table(results, env)
     print("\n" + text, flush=True)
     (out / "table.md").write_text(text + "\n")
