@@ -23,7 +23,7 @@ import contextlib
 import threading
 import time
 from collections import defaultdict
-from typing import Dict, Iterator, List, Optional
+from typing import Callable, Dict, Iterator, List, Optional
 
 from shardtune.observability.metrics import seconds_since_launch
 
@@ -34,16 +34,17 @@ AFTER_STARTUP = ("first_step", "training", "evaluation", "checkpoints", "export"
 class PhaseTimer:
     """Exclusive wall time per named phase, startup's parts, and compile time and count per phase."""
 
-    def __init__(self, origin: Optional[float] = None):
-        # perf_counter() at the process' launch (the default), so that startup includes interpreter start and imports
-        self.origin = time.perf_counter() - seconds_since_launch() if origin is None else origin
+    def __init__(self, origin: Optional[float] = None, clock: Callable[[], float] = time.perf_counter):
+        self.clock = clock
+        # clock() at the process' launch (the default), so that startup includes interpreter start and imports
+        self.origin = clock() - seconds_since_launch() if origin is None else origin
         self.seconds: Dict[str, float] = defaultdict(float)  # exclusive, since startup ended (or the origin)
         self.startup_s: Optional[float] = None
         self.startup_parts: Dict[str, float] = {}
         self.compile_s: Dict[str, float] = defaultdict(float)  # by the phase that was open when compiling began
         self.compiles: Dict[str, int] = defaultdict(int)
         self._open: List[list] = []  # [name, since] innermost last
-        self._compile_started: Optional[tuple] = None  # (phase, perf_counter) of the compile under way
+        self._compile_started: Optional[tuple] = None  # (phase, clock()) of the compile under way
         self._lock = threading.Lock()  # compile callbacks may come from another thread
 
     @contextlib.contextmanager
@@ -67,7 +68,7 @@ class PhaseTimer:
 
     def _enter(self, name: str) -> None:
         with self._lock:
-            now = time.perf_counter()
+            now = self.clock()
             if self._open:
                 outer = self._open[-1]
                 self.seconds[outer[0]] += now - outer[1]
@@ -75,7 +76,7 @@ class PhaseTimer:
 
     def _exit(self) -> None:
         with self._lock:
-            now = time.perf_counter()
+            now = self.clock()
             name, since = self._open.pop()
             self.seconds[name] += now - since
             if self._open:
@@ -86,16 +87,16 @@ class PhaseTimer:
         if self.startup_s is not None:
             return
         with self._lock:
-            self.startup_s = time.perf_counter() - self.origin
+            self.startup_s = self.clock() - self.origin
             self.startup_parts = {k: v for k, v in self.seconds.items() if v}
             self.seconds.clear()
             for entry in self._open:  # a phase open across the boundary counts from here on
-                entry[1] = time.perf_counter()
+                entry[1] = self.clock()
 
     # ---- compile time (torch.compile's callbacks) ---------------------------------------------
     def _compile_start(self, *_) -> None:
         with self._lock:
-            self._compile_started = (self.current(), time.perf_counter())
+            self._compile_started = (self.current(), self.clock())
 
     def _compile_end(self, *_) -> None:
         with self._lock:
@@ -103,7 +104,7 @@ class PhaseTimer:
                 return
             phase, since = self._compile_started
             self._compile_started = None
-            self.compile_s[phase] += time.perf_counter() - since
+            self.compile_s[phase] += self.clock() - since
             self.compiles[phase] += 1
 
     @contextlib.contextmanager
@@ -127,7 +128,7 @@ class PhaseTimer:
     def summary(self) -> dict:
         """Seconds by phase (``phases_s`` in summary.json): the top-level phases sum to ``total``; ``startup_parts``
         and ``compile`` (by phase, included in those phases) say what the big ones were made of."""
-        total = time.perf_counter() - self.origin
+        total = self.clock() - self.origin
         startup = self.startup_s if self.startup_s is not None else total - sum(self.seconds.values())
         seconds = dict(self.seconds) if self.startup_s is not None else {}
         parts = self.startup_parts if self.startup_s is not None else {k: v for k, v in self.seconds.items() if v}
