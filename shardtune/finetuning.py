@@ -42,6 +42,7 @@ from shardtune.models.peft import check_peft_inputs, check_peft_supported
 from shardtune.observability.flops import FlopCounter, count_model_flops
 from shardtune.observability.metrics import MetricsWriter
 from shardtune.observability.mfu import peak_tflops_for
+from shardtune.observability.phases import PhaseTimer
 from shardtune.observability.profiler import build_profiler, check_profiler_config
 from shardtune.observability.trackers import build_trackers, check_trackers
 from shardtune.policies.activation_checkpointing import checkpointed_fraction
@@ -61,26 +62,29 @@ from shardtune.utils.rng import seed_everything
 
 
 def main(**kwargs) -> dict:
+    phases = PhaseTimer()  # wall time by phase, from the process' launch (observability/phases.py)
     run = parse_cli(kwargs)  # every flag and config file checked: one line and exit 2 on bad input
     t = run.train
     model_config, tokenizer = check_inputs(run)
     dist_info, precision = start_processes(run)
     out = claim_output(run, dist_info)
     # A data error removes the tokenised cache it may have written: rejected input leaves the folder as it was.
-    with remove_new_files_on_error(out.path, ConfigError) if dist_info.is_main else contextlib.nullcontext():
+    with (remove_new_files_on_error(out.path, ConfigError) if dist_info.is_main else contextlib.nullcontext(),
+          phases.time("data")):
         train_loader, eval_loader = build_data(run, tokenizer, dist_info)
     record_settings(run, out, dist_info)  # every input is checked: the run's first file is written now
 
-    lm, export_dtype = build_lm(run, out.resume, model_config, tokenizer, dist_info, precision,
-                                packing=is_packed(train_loader))
-    model = CausalLMWithLoss(lm)
-    if resolve_compile(run, dist_info.device):
-        compile_decoder_layers(model)
-    # Shard with FSDP2 under torchrun, else move to the device; activation checkpointing either way.
-    model, sync_fn = wrap_model(model, run, dist_info, precision, on_device=t.quantization is not None)
-    optimizer = build_optimizer(model, run, dist_info.device)
-    lr_scheduler = build_lr_scheduler(optimizer, run)
-    scaler = grad_scaler(precision, dist_info.device)
+    with phases.time("model"):
+        lm, export_dtype = build_lm(run, out.resume, model_config, tokenizer, dist_info, precision,
+                                    packing=is_packed(train_loader))
+        model = CausalLMWithLoss(lm)
+        if resolve_compile(run, dist_info.device):
+            compile_decoder_layers(model)
+        # Shard with FSDP2 under torchrun, else move to the device; activation checkpointing either way.
+        model, sync_fn = wrap_model(model, run, dist_info, precision, on_device=t.quantization is not None)
+        optimizer = build_optimizer(model, run, dist_info.device)
+        lr_scheduler = build_lr_scheduler(optimizer, run)
+        scaler = grad_scaler(precision, dist_info.device)
 
     with contextlib.ExitStack() as cleanup:
         cleanup.callback(release_locks)
@@ -92,26 +96,34 @@ def main(**kwargs) -> dict:
         # (<output_dir>/model); resuming restores model, optimizer, scheduler, progress and RNG.
         checkpointer = Checkpointer(run, TrainedObjects(model, lm, optimizer, lr_scheduler, scaler),
                                     ExportSettings(tokenizer, export_dtype), out.run_id, dist_info)
+        # Exports happen inside a checkpoint save (and on resuming an interrupted one): timed as a phase of their own
+        checkpointer.export = phases.timed("export", checkpointer.export)
         distributed.on_rank0(lambda: start_run(run, out.run_dir, out.run_id), "record the run")
         check_disk(run, model, checkpointer, export_dtype, dist_info)
-        state, restore_rng = checkpointer.load(out.resume) if out.resume else (None, None)
+        with phases.time("model"):  # resuming: the checkpoint's weights and optimizer state
+            state, restore_rng = checkpointer.load(out.resume) if out.resume else (None, None)
         if out.resume:
             checkpointer.finish_interrupted_export(out.resume)  # a run killed while exporting its model
             if already_finished(run, state, out.resume):
                 return {"steps": state.step, "already_finished": True}
         numerics = StepNumerics(autocast=autocast(precision, dist_info.device, t.enable_fsdp and dist_info.distributed),
                                 scaler=scaler, set_gradient_sync=sync_fn)
-        telemetry = Telemetry(metrics=metrics, observers=observers, model_flops=model_flops, peak_tflops=peak_tflops)
+        telemetry = Telemetry(metrics=metrics, observers=observers, model_flops=model_flops, peak_tflops=peak_tflops,
+                              phases=phases)
         ctx = TrainContext(run=run, device=dist_info.device, numerics=numerics, telemetry=telemetry,
                            # a full disk during a save: one line, no temporary folders left (utils/disk.py)
                            save_checkpoint=guard_saves(checkpointer, [checkpointer.root, out.path]),
                            restore_rng=restore_rng, stop_request=StopRequest())
-        with ctx.stop_request:  # SIGTERM / SIGINT from here on: finish the step, checkpoint, exit 75
+        # SIGTERM / SIGINT from here on: finish the step, checkpoint, exit 75
+        with ctx.stop_request, phases.watching_compiles():
             summary = train(model, train_loader, eval_loader, optimizer, lr_scheduler, ctx, state=state)
         summary.update({"flop_counter": obs.result for obs in observers if getattr(obs, "result", None)})
         if metrics.path is not None:
             summary["metrics_file"] = str(metrics.path)
+        summary["phases_s"] = phases.summary()
         write_summary(summary, out.path, dist_info)
+        if dist_info.is_main:
+            log(phases.format_line(summary["phases_s"]))
     return summary
 
 
@@ -278,4 +290,4 @@ def write_summary(summary: dict, output_dir: Path, dist_info: DistInfo) -> None:
     if dist_info.is_main:
         atomic_write_text(output_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
         log("--> summary: " + ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
-                                        for k, v in summary.items()))
+                                        for k, v in summary.items() if k != "phases_s"))  # a line of its own

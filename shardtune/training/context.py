@@ -12,6 +12,7 @@ import torch
 from shardtune.configs.run import RunConfigs
 from shardtune.observability.flops import ModelFlops
 from shardtune.observability.metrics import MetricsWriter, StepObserver
+from shardtune.observability.phases import PhaseTimer
 from shardtune.training.preemption import StopRequest
 from shardtune.training.state import TrainState
 
@@ -39,6 +40,7 @@ class Telemetry:
     observers: List[StepObserver] = field(default_factory=list)
     model_flops: Optional[ModelFlops] = None  # analytic FLOPs for TFLOP/s and MFU; None: not reported
     peak_tflops: Optional[float] = None       # the accelerator's dense bf16 peak (observability/mfu.py); None: no MFU
+    phases: PhaseTimer = field(default_factory=PhaseTimer)  # wall time by phase (the loop times its parts)
 
 
 class SaveCheckpoint(Protocol):

@@ -44,6 +44,7 @@ class Trainer:
         self.optimizer, self.lr_scheduler, self.ctx = optimizer, lr_scheduler, ctx
         self.sampler = train_loader.batch_sampler  # data/sampler.py: the epoch's order and the data position
         self.batches_at_start = 0  # state.batches_in_epoch when this process started the epoch's iterator
+        self.steps_taken = 0  # optimizer steps (applied or skipped) this process has run
         self.t = ctx.run.train
         self.state = state or TrainState()
         self.memory = MemoryTracker(ctx.device)  # peaks from the allocator and the kernel: no polling thread
@@ -72,26 +73,30 @@ class Trainer:
     def train_epoch(self) -> bool:
         """The optimizer steps of ``state.epoch``, from where it stands. True: the run is to stop after this epoch's
         end (--max_train_step reached)."""
-        state, ga = self.state, self.t.gradient_accumulation_steps
+        state, ga, phases = self.state, self.t.gradient_accumulation_steps, self.ctx.telemetry.phases
         batches = self.epoch_batches()
         with tqdm(total=math.ceil((state.batches_in_epoch + len(self.train_loader)) / ga), initial=state.batches_in_epoch // ga,
                   desc=f"Training epoch {state.epoch + 1}/{self.t.num_epochs}", dynamic_ncols=True,
                   disable=not distributed.is_main()) as progress:  # closed on errors too: their line stands alone
             while not self.reached_max_train_step():
-                step_start = time.perf_counter()
-                micro_batches = take_micro_batches(batches, ga)
-                if not micro_batches:
-                    return False
-                for obs in self.ctx.telemetry.observers:
-                    obs.on_step_start(state)
-                result = optimizer_step(self.model, micro_batches, self.optimizer, self.ctx, state)
-                state.samples_in_epoch = self.sampler.position_after(state.batches_in_epoch - self.batches_at_start)
-                if not result.applied:
-                    progress.update(1)
-                    continue
-                seq_len = int(micro_batches[0]["input_ids"].shape[-1])
-                if self.after_step(result, seq_len, time.perf_counter() - step_start, progress):
-                    return True
+                phases.end_startup()  # (once) launch to here is startup
+                # The first step of this process pays the one-off costs (compile, warm-up): a phase of its own
+                with phases.time("training" if self.steps_taken else "first_step"):
+                    step_start = time.perf_counter()
+                    micro_batches = take_micro_batches(batches, ga)
+                    if not micro_batches:
+                        return False
+                    for obs in self.ctx.telemetry.observers:
+                        obs.on_step_start(state)
+                    result = optimizer_step(self.model, micro_batches, self.optimizer, self.ctx, state)
+                    self.steps_taken += 1
+                    state.samples_in_epoch = self.sampler.position_after(state.batches_in_epoch - self.batches_at_start)
+                    if not result.applied:
+                        progress.update(1)
+                        continue
+                    seq_len = int(micro_batches[0]["input_ids"].shape[-1])
+                    if self.after_step(result, seq_len, time.perf_counter() - step_start, progress):
+                        return True
         return True  # a resumed run that had reached --max_train_step already
 
     def epoch_batches(self) -> Iterator:
@@ -123,7 +128,8 @@ class Trainer:
         check_divergence(state, result.loss_sum, result.tokens.supervised, self.t)
         saved = None  # this step's checkpoint folder, when one is written
         if ctx.save_checkpoint and self.t.save_every_n_steps and state.step % self.t.save_every_n_steps == 0:
-            saved = ctx.save_checkpoint(state, "step")
+            with ctx.telemetry.phases.time("checkpoints"):
+                saved = ctx.save_checkpoint(state, "step")
         if ctx.stop_request is not None:
             ctx.stop_request.after_step(state, ctx, saved)  # a stop signal: checkpoint, raise Preempted
         if self.reached_max_train_step():
@@ -145,7 +151,8 @@ class Trainer:
             self.lr_scheduler.step()
         eval_loss = None
         if self.eval_loader is not None and t.run_validation:
-            with preserved_rng(self.ctx.device):  # a checkpoint taken after evaluation continues like the run
+            with preserved_rng(self.ctx.device), self.ctx.telemetry.phases.time("evaluation"):
+                # preserved RNG: a checkpoint taken after evaluation continues like the run
                 eval_loss = evaluate(self.model, self.eval_loader, self.ctx, state)
             self.eval_losses.append(eval_loss)
         if epoch_done:
@@ -156,4 +163,5 @@ class Trainer:
         record_epoch(self.ctx, state, epoch, train_loss, eval_loss, improved, self.epoch_times[-1],
                      self.memory.epoch_stats())  # this epoch's peaks, evaluation included
         if self.ctx.save_checkpoint and t.save_model:
-            self.ctx.save_checkpoint(state, "best" if improved or eval_loss is None else "epoch")
+            with self.ctx.telemetry.phases.time("checkpoints"):  # an export inside it is timed as export
+                self.ctx.save_checkpoint(state, "best" if improved or eval_loss is None else "epoch")

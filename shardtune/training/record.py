@@ -47,8 +47,9 @@ class StepRecorder:
             record["since_launch_s"] = round(seconds_since_launch(), 1)
         if distributed.is_main():
             if "since_launch_s" in record:  # tqdm.write: a line of its own under the progress bar
-                tqdm.write(f"--> first step done {record['since_launch_s']:.0f} s after launch (loading, "
-                           "sharding, data and, on GPUs, torch.compile of the layers)")
+                compiled = telemetry.phases.compiled_in("first_step")
+                tqdm.write(f"--> first step done {record['since_launch_s']:.0f} s after launch (loading, sharding, "
+                           "data" + (f"; compiled in {compiled:.0f} s" if compiled else "") + ")")
             telemetry.metrics.write("train_step", **record)
             if state.step % t.log_every_n_steps == 0:
                 progress.set_postfix(loss=f"{result.loss:.4f}", lr=f"{lr:.2e}", gnorm=f"{result.grad_norm:.3f}")
