@@ -47,15 +47,16 @@ from shardtune.policies.wrapping import fsdp_units
 from shardtune.utils.distributed import DistInfo
 
 # The CUDA allocator's margin: peak reserved memory (torch.cuda.max_memory_reserved, what the GPU must hold) over the
-# run's estimated peak, calibrated on every GPU row of benchmarks/README.md session 6 (one H200, batch 4 x 4096,
-# default plan; section "Plan vs measured" has the plan commands). Measured reserved / estimate (quantization state
-# included): full fine-tuning 1.065 (1B), 1.023 (3B), 1.003 (8B), 1.007 (8B, ac_memory_fraction 0.9); LoRA 0.913
-# (1B), 0.903 (8B), QLoRA 0.891 (3B). The two kinds differ: under LoRA the frozen linears keep less for backward
-# than the estimate's activation count (made for full fine-tuning) says, while full fine-tuning reserves 0-7% over
-# what it allocates at its peak. Each factor is the largest of its kind, rounded up, so the printed peak reserved
-# is at or above every measurement and within 7% of it. Other PEFT methods (not measured) get the full factor.
+# run's estimated peak, calibrated on every GPU row of benchmarks/README.md (one H200, batch 4 x 4096, section "Plan
+# vs measured" has the plan commands). Measured reserved / estimate (quantization state included): full fine-tuning
+# 1.065 (1B), 1.023 (3B), 1.003 (8B), 1.007 (8B, ac_memory_fraction 0.9); LoRA 0.913 (1B), 0.903 (8B); QLoRA 0.891
+# (3B), and 0.953 at 3B with no layer checkpointed (issue 25's budget: 57.8 GB reserved, 60.5 GB estimated). The two
+# kinds differ: under LoRA the frozen linears keep less for backward than the estimate's activation count (made for
+# full fine-tuning) says, while full fine-tuning reserves 0-7% over its estimate (allocator slack). Each factor is
+# the largest measured of its kind, rounded up, so the printed peak reserved is at or above every measurement and
+# within 8% of it. Other PEFT methods (not measured) get the full factor; several GPUs are not measured yet.
 RESERVED_OVER_ESTIMATE_FULL = 1.07
-RESERVED_OVER_ESTIMATE_LORA = 0.92
+RESERVED_OVER_ESTIMATE_LORA = 0.96
 CUDA_CONTEXT_BYTES = 2 ** 30  # CUDA context, cuBLAS workspace, NCCL buffers: outside the allocator's counters
 # A rank's host memory besides the weights: Python, torch, transformers (0.3-0.4 GB measured on CPU without data,
 # benchmarks/host_memory_slice.py), CUDA's libraries and the tokenised data on a GPU host (8B runs on H200 measured
