@@ -18,6 +18,7 @@ from shardtune.policies import activation_budget as AB
 
 REPO = Path(__file__).resolve().parent.parent
 LLAMA_70B = REPO / "tests" / "fixtures" / "llama-3.1-70b"
+SESSION6 = REPO / "benchmarks" / "results" / "vs_reference_h200_s6_2026-12-04.json"
 
 
 def plan_json(capsys, *argv) -> dict:
@@ -115,7 +116,8 @@ def test_json_fields(capsys):
     plan = plan_json(capsys)
     gpu = plan["gpu"]
     assert plan["cluster"] == {"gpus": 1, "gpu_memory": int(80 * GB), "nodes": 1}
-    assert gpu["needed"] == gpu["peak"] + gpu["allocator_margin"] and plan["fits"] is True
+    assert gpu["peak_reserved"] == gpu["peak"] + gpu["quantization_state"] + gpu["allocator_margin"]
+    assert gpu["needed"] == gpu["peak_reserved"] + gpu["cuda_context"] and plan["fits"] is True
     assert gpu["peak_every_layer"] <= gpu["peak"] <= gpu["peak_no_checkpointing"] or plan["checkpointed"]
     for host in (plan["host_low_cpu"], plan["host_without"]):
         assert set(host) == {"rank0", "other_ranks", "first_host", "other_hosts"}
@@ -162,3 +164,109 @@ def test_console_command(tiny_llama_dir):
     bad = subprocess.run([sys.executable, "-m", "shardtune", "plan", "--gpu_memory_gb", "0"], capture_output=True,
                          text=True, cwd=REPO, timeout=300)
     assert bad.returncode == 2 and bad.stderr.strip().startswith("error: --gpu_memory_gb")
+
+
+# benchmarks/README.md session 6, one H200: (harness call, mode) -> the shape and the mode's flags of
+# benchmarks/vs_reference.py; the section "Plan vs measured" lists the same plans as commands.
+SESSION6_ROWS = {
+    ("r1b", "full_ac"): ("llama3.2-1b", ["--fsdp_config.pure_bf16"]),
+    ("r1b", "lora"): ("llama3.2-1b", ["--use_peft", "--peft_method", "lora"]),
+    ("r3b_full", "full_ac"): ("llama3.2-3b", ["--fsdp_config.pure_bf16"]),
+    ("r3b_qlora", "qlora"): ("llama3.2-3b", ["--use_peft", "--peft_method", "lora", "--quantization", "4bit",
+                                             "--quantization_config.quant_type", "nf4"]),
+    ("r8b_full", "full_ac"): ("llama3.1-8b", ["--fsdp_config.pure_bf16"]),
+    ("r8b_lora", "lora"): ("llama3.1-8b", ["--use_peft", "--peft_method", "lora"]),
+    ("r8b_lora", "full_ac@frac90"): ("llama3.1-8b", ["--fsdp_config.pure_bf16", "--fsdp_config.ac_memory_fraction",
+                                                     "0.9"]),
+}
+
+
+@pytest.fixture(scope="module")
+def benchmark_shapes(tmp_path_factory) -> Path:
+    """config.json (only) of each model shape the GPU benchmarks built (benchmarks/make_random_model.py)."""
+    from transformers import LlamaConfig
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        from make_random_model import SHAPES
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    root = tmp_path_factory.mktemp("shapes")
+    for name, shape in SHAPES.items():
+        LlamaConfig(**shape, max_position_embeddings=131072, rope_theta=500000.0, bos_token_id=1, eos_token_id=2,
+                    pad_token_id=0, dtype="bfloat16").save_pretrained(root / name)
+    return root
+
+
+@pytest.mark.parametrize("row", sorted(SESSION6_ROWS), ids="-".join)
+def test_peak_reserved_against_the_gpu_benchmarks(benchmark_shapes, capsys, row):
+    """Every GPU row of benchmarks/README.md session 6 (1B, 3B, 8B; full, LoRA, QLoRA; one H200 under torchrun):
+    the plan on the same flags and shape makes the run's choice (checkpointed layers, logged estimate) and its
+    printed peak reserved is at or above the measured peak reserved and within 10% of it."""
+    measured = next(r for r in json.loads(SESSION6.read_text())
+                    if r["who"] == "shardtune" and (r["call_stage"], r["mode"]) == row)
+    shape, flags = SESSION6_ROWS[row]
+    plan = plan_json(capsys, "--gpus", "1", "--gpu_memory_gb", "140", "--enable_fsdp", "--use_fast_kernels",
+                     "--batch_size_training", "4", "--context_length", "4096", "--dataset", "alpaca_dataset",
+                     "--model_name", str(benchmark_shapes / shape), *flags)
+    gpu = plan["gpu"]
+    assert f"{plan['checkpointed']}/{plan['layers']}" == measured["ac"]
+    assert round(gpu["peak"] / GB, 1) == measured["estimate"]  # the run logged its estimate at one decimal
+    assert 1.0 <= gpu["peak_reserved"] / GB / measured["reserved"] <= 1.10
+
+
+def test_quantized_weights_are_packed_as_bitsandbytes_packs_them(tiny_llama_dir, capsys):
+    """QLoRA on paper (planning/quantized.py): every linear of the decoder layers is packed at 4 bits (half a byte a
+    weight), the embeddings, norms and output layer stay in bf16, the LoRA adapters train in fp32; the quantization
+    state is the QLoRA paper's: 32/64 = 0.5 bits a parameter, 8/64 + 32/(64 * 256) = 0.127 bits with double
+    quantization (Dettmers et al. 2023, section 3), plus each layer's code books."""
+    from shardtune.configs.parse import parse_cli
+    from shardtune.models.builder import WeightSource, build_model
+    from shardtune.planning.estimate import NO_TOKENIZER
+    from shardtune.planning.quantized import quantization_state_bytes
+
+    base = ["--model_name", str(tiny_llama_dir), "--use_peft", "--peft_method", "lora", "--quantization", "4bit"]
+    plain = plan_json(capsys, "--model_name", str(tiny_llama_dir), "--use_peft", "--peft_method", "lora")
+    four, double = plan_json(capsys, *base), plan_json(capsys, *base, "--quantization_config.use_double_quant")
+
+    run = parse_cli({"model_name": str(tiny_llama_dir), "use_peft": True, "peft_method": "lora"})
+    lm = build_model(run, WeightSource.for_run(run), "bf16_mixed", torch.device("cpu"), NO_TOKENIZER, meta=True)
+    output = lm.get_output_embeddings()
+    linears = [m.weight for m in lm.modules()
+               if type(m) is torch.nn.Linear and m is not output and not m.weight.requires_grad]
+    quantized = sum(w.numel() for w in linears)
+    assert quantized > 0.2 * plain["parameters"]  # a fifth of the test model (its embeddings hold the rest)
+    lora = sum(p.numel() for p in lm.parameters() if p.requires_grad)
+    others = plain["parameters"] - lora - quantized
+    assert four["parameters"] == plain["parameters"] and four["trainable"] == lora
+    assert plain["gpu"]["parameters"] == 2 * (quantized + others) + 4 * lora
+    assert four["gpu"]["parameters"] == quantized // 2 + 2 * others + 4 * lora
+    code_books = 16 * 4 * len(linears)
+    assert four["gpu"]["quantization_state"] - code_books == pytest.approx(quantized * 0.5 / 8, rel=0.01)
+    nested_code_books = len(linears) * (256 * 4 + 4)  # double quantization's code book and offset, per layer
+    # a byte per 64 weights, and one fp32 absmax per layer for those bytes (a tiny layer has fewer than 256 blocks)
+    assert double["gpu"]["quantization_state"] - code_books - nested_code_books == quantized // 64 + 4 * len(linears)
+    big = 4096 * 14336  # one Llama-3.1-8B MLP projection: the code books are negligible there
+    assert quantization_state_bytes(big, 4096, "4bit", False) * 8 / big == pytest.approx(0.5, rel=0.01)
+    assert quantization_state_bytes(big, 4096, "4bit", True) * 8 / big == pytest.approx(0.127, rel=0.01)
+    assert quantization_state_bytes(big, 4096, "8bit", False) == 4096 * 4  # one fp32 scale a row
+    assert four["gpu"]["gradients"] == plain["gpu"]["gradients"] == 4 * lora
+
+
+def test_eight_bit_is_planned_on_one_gpu_and_refused_sharded(tiny_llama_dir, capsys):
+    """8-bit: int8 weights (one byte each) on one GPU; under FSDP the run refuses it, and so does the plan."""
+    argv = ["--model_name", str(tiny_llama_dir), "--use_peft", "--peft_method", "lora", "--quantization", "8bit"]
+    four = plan_json(capsys, *argv[:-1], "4bit")
+    eight = plan_json(capsys, *argv)
+    assert eight["fits"] and eight["gpu"]["parameters"] > four["gpu"]["parameters"]
+    assert plan_cli(["--gpus", "2", "--enable_fsdp", *argv]) == 2
+    assert "--quantization 8bit" in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_the_runs_log_lines_once(tiny_llama_dir, capsys):
+    """The run's own lines that building the model prints (attention, compile) come once, on stderr, even when the
+    plan does not fit and the variants suggest.py tries build the model again."""
+    assert plan_cli(["--model_name", str(tiny_llama_dir), "--gpu_memory_gb", "0.001", "--torch_compile", "True"]) == 0
+    captured = capsys.readouterr()
+    assert "fits: NO" in captured.out
+    assert captured.err.count("--> attention:") == 1 and captured.err.count("--> torch.compile:") == 1

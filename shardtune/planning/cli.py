@@ -60,7 +60,7 @@ def plan_cli(argv=None) -> int:
     try:
         own, kwargs = split_flags(argv)
         cluster = Cluster(own["gpus"], int(own["gpu_memory_gb"] * GB), own["nodes"]).check()
-        plan = plan_run(kwargs, cluster)
+        plan = plan_run(kwargs, cluster)  # the run's log lines once, on stderr; suggest.py's variants are quiet
         change, changed = (None, None) if plan.fits else smallest_change(kwargs, plan, parse_run(kwargs, cluster))
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
@@ -82,6 +82,10 @@ def _gb(n: Optional[int]) -> str:
     return "-" if n is None else f"{n / GB:.1f} GB"
 
 
+def _signed_gb(n: int) -> str:
+    return f"{n / GB:+.1f} GB"
+
+
 def format_plan(plan: RunPlan, change: Optional[str] = None, changed: Optional[RunPlan] = None) -> str:
     """The plan on one screen."""
     c, g = plan.cluster, plan.gpu
@@ -97,14 +101,17 @@ def format_plan(plan: RunPlan, change: Optional[str] = None, changed: Optional[R
                      "intermediate_size); the run checkpoints every layer")
     else:
         lines += ["per GPU:",
-                  f"  parameters {_gb(g.parameters)}, gradients {_gb(g.gradients)}, optimizer state {_gb(g.optimizer)}",
+                  f"  parameters {_gb(g.parameters)}"
+                  + (f" + quantization state {_gb(g.quantization_state)}" if g.quantization_state else "")
+                  + f", gradients {_gb(g.gradients)}, optimizer state {_gb(g.optimizer)}",
                   f"  gathered parameters + loss workspace {_gb(g.gathered_and_loss)} (largest gathered unit "
                   f"{_gb(g.largest_gathered_unit)})",
                   f"  activations {_gb(g.activations)} with {plan.checkpointed} of {plan.layers} layers checkpointed; "
                   f"peak with none {_gb(g.peak_no_checkpointing)}, with every layer {_gb(g.peak_every_layer)}",
-                  f"  estimated peak {_gb(g.peak)} + CUDA allocator margin and context {_gb(g.allocator_margin)} "
-                  f"= {_gb(g.needed)} of {_gb(c.gpu_memory)}"
-                  + (f" (plan budget {_gb(g.budget)})" if g.budget else "")]
+                  f"  estimated peak {_gb(g.peak)}" + (f" (plan budget {_gb(g.budget)})" if g.budget else "")
+                  + (f" + quantization state {_gb(g.quantization_state)}" if g.quantization_state else "")
+                  + f"; peak reserved {_gb(g.peak_reserved)} (CUDA allocator margin {_signed_gb(g.allocator_margin)}, "
+                  f"measured) + CUDA context {_gb(g.cuda_context)} = {_gb(g.needed)} of {_gb(c.gpu_memory)}"]
     lines.append("per host while loading (peak resident memory; after that the weights live on the GPUs):")
     for name, host, used in (("--low_cpu_fsdp", plan.host_low_cpu, plan.low_cpu_fsdp),
                              ("without --low_cpu_fsdp", plan.host_without, not plan.low_cpu_fsdp)):

@@ -65,7 +65,7 @@ def candidates(kwargs: Dict[str, Any], plan: RunPlan, run) -> List[List[Change]]
 
 def _try(kwargs: Dict[str, Any], change: Change) -> Optional[RunPlan]:
     try:
-        return plan_run({**kwargs, **change.kwargs}, change.cluster)
+        return plan_run({**kwargs, **change.kwargs}, change.cluster, quiet=True)
     except ConfigError:  # a change the run's checks refuse in this combination: not a suggestion
         return None
 

@@ -263,10 +263,10 @@ def plan_memory(model: nn.Module, layers: List[nn.Module], run, precision: str, 
         gathered, why_gathered = 1, no_estimate
     else:
         gathered = most_gathered(mem, len(layers_ac), budget)
-        why_gathered = (f"auto: estimated peak {mem.peak(len(layers_ac), gathered) / GB:.1f} GB within the budget "
-                        f"{budget / GB:.1f} GB; all {n} would need {mem.peak(len(layers_ac), n) / GB:.1f} GB"
-                        if gathered < n else f"auto: estimated peak {mem.peak(len(layers_ac), n) / GB:.1f} GB within "
-                        f"the budget {budget / GB:.1f} GB")
+        peak = mem.peak(len(layers_ac), gathered)  # over the budget when even every layer checkpointed is (as logged)
+        why_gathered = (f"auto: estimated peak {peak / GB:.1f} GB {'within' if peak <= budget else 'OVER'} the budget "
+                        f"{budget / GB:.1f} GB" + (f"; all {n} would need {mem.peak(len(layers_ac), n) / GB:.1f} GB"
+                                                   if gathered < n else ""))
     return MemoryPlan(layers_ac, n, why_ac, gathered, why_gathered, estimate=mem, budget=budget)
 
 
