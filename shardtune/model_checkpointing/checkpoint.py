@@ -197,6 +197,8 @@ class Checkpointer:
         if pending is None:
             return
         tmp = pending.write.folder
+        if wait and not pending.write.future.done():
+            log(f"--> waiting for the checkpoint of step {pending.step} to be written (in the background)")
         try:
             if not ended_everywhere(pending.write, wait):
                 return
