@@ -7,8 +7,8 @@ gloo ranks on CPU:
 * the log says what a checkpoint costs on disk, and how long training was blocked.
 
 The write is held deterministically (no wall time) by the test hook $SHARDTUNE_HOLD_CHECKPOINT_WRITE=STEP:PATH: the
-writer thread of that step's checkpoint creates PATH.held and waits until PATH exists. (Bit-exact resume with
-background saves: tests/test_resume.py, case "sharded", which uses the default.)
+writer thread of that step's checkpoint creates PATH.held and waits until PATH exists. And resuming a checkpoint
+written in the background is bit-exact.
 """
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 from test_faults import ENV, GUARD_S, REPO, _worker_pid, checkpoints, cli_args, log_of, wait_for
 from test_fsdp_support import base_kwargs
+from test_resume import _interrupted_vs_uninterrupted
 
 from shardtune.model_checkpointing import integrity
 from shardtune.model_checkpointing.async_save import HOLD_ENV
@@ -116,3 +117,11 @@ def test_the_end_of_the_run_waits_for_the_last_background_save(tiny_llama_dir, t
     assert [m.group(1) for m in SIZE_LINE.finditer(log)] == ["4"]
     assert log.index("saved to") < log.index("--> summary")  # sealed before the run reported its end
     assert not [p for p in root_of(out).iterdir() if p.name.startswith(".tmp-")]
+
+
+def test_resume_from_a_background_checkpoint_is_exact(tiny_llama_dir, tmp_path):
+    """The checkpoint of step 3 is written in the background (the default; the log line says so) and resuming it
+    gives exactly the uninterrupted run's losses (fp32, 2 ranks)."""
+    a, b = _interrupted_vs_uninterrupted(tmp_path, tiny_llama_dir, 2, 3, 6)
+    assert b == a  # exactly
+    assert [m.group(1) for m in SIZE_LINE.finditer((tmp_path / "rb1" / "rank0.log").read_text())] == ["3"]
