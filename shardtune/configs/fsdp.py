@@ -44,6 +44,13 @@ class fsdp_config:
     checkpoint_type: StateDictType = doc(StateDictType.SHARDED_STATE_DICT,
                                          "SHARDED_STATE_DICT (torch.distributed.checkpoint, resumable) or "
                                          "FULL_STATE_DICT (a Hugging Face folder gathered on rank 0).")
+    async_checkpoint: bool = doc(True, "Write the periodic checkpoints (--save_every_n_steps) of SHARDED_STATE_DICT "
+                                       "in the background: training stops only while the weights and optimizer "
+                                       "state are copied into host memory (kept for the next save: one copy of "
+                                       "the local state in host memory), and the checkpoint is sealed once every "
+                                       "rank's write has ended; the end of the run, a stop and every other "
+                                       "checkpoint wait for it. False: synchronous, as every other checkpoint.",
+                                 needs=("save_every_n_steps", "fsdp_config.checkpoint_type=SHARDED_STATE_DICT"))
     fsdp_activation_checkpointing: bool = doc(True, "Recompute layers in backward, sharded or not. Each "
                                                     "decoder layer's activations are recomputed (non-reentrant) in "
                                                     "every run: under FSDP, on one GPU and on CPU alike.")

@@ -4,7 +4,11 @@ Writing a checkpoint (every rank calls :meth:`Checkpointer.save`): every rank wr
 ``.tmp-step_000120``: its weight and optimizer shards (weights.py) and its RNG file; rank 0 adds
 state.json and run_config.yaml; after a barrier every file is fsynced and rank 0 writes the manifest
 (integrity.py), the last file; then rank 0 renames the folder into place. What is written is checked when
-it is written (every trained tensor is in the files; the weights are finite). A checkpoint whose
+it is written (every trained tensor is in the files; the weights are finite). Periodic SHARDED_STATE_DICT checkpoints
+(reason "step", --fsdp_config.async_checkpoint) are written in the background (async_save.py): the save returns once
+the state is copied into host memory, and the same sealing happens at the first step after every rank's write has
+ended (reason "poll"), or before anything else is saved, at a stop, and at the end of the run (reason "finish"),
+which wait for it. Every other checkpoint is synchronous. A checkpoint whose
 state.json must change later (the end of an epoch at a step already checkpointed) is re-sealed the same
 way: a hard-linked copy gets the new state.json and a new manifest and is swapped in atomically.
 
@@ -31,6 +35,7 @@ from shardtune.configs.fsdp import StateDictType
 from shardtune.configs.run import RunConfigs
 from shardtune.errors import SaveError
 from shardtune.model_checkpointing import integrity, layout
+from shardtune.model_checkpointing.async_save import BackgroundWrite, BackgroundWriter, ended_everywhere
 from shardtune.model_checkpointing.export import export_pretrained, read_export_info
 from shardtune.model_checkpointing.resume import ResumePoint
 from shardtune.model_checkpointing.weights import ModelState, TrainedObjects
@@ -47,6 +52,22 @@ class ExportSettings:
 
     tokenizer: object = None                 # saved next to the weights (None: none)
     dtype: Optional[torch.dtype] = None      # full models: the base checkpoint's dtype (None: the training dtype)
+
+
+@dataclass
+class PendingSave:
+    """A periodic checkpoint whose shards are being written in the background."""
+
+    step: int
+    final: Path              # where it goes once sealed
+    write: BackgroundWrite   # into write.folder, the temporary folder
+    blocked_s: float         # how long training stood still for it (staging, RNG and state files)
+
+
+def _size_on_disk(folder: Path) -> str:
+    """What a checkpoint costs on disk, in words (GB: 10^9 bytes)."""
+    size = sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())
+    return f"{size / 1e9:.1f} GB" if size >= 1e8 else f"{size / 1e6:.1f} MB"
 
 
 def _link_or_copy(src: str, dst: str) -> None:
@@ -67,15 +88,32 @@ class Checkpointer:
         self.root = layout.checkpoint_root(run)
         self.checkpoint_type = run.fsdp.checkpoint_type
         self._saved: dict = {}  # step -> folder written (or resumed) by this run
+        # Periodic checkpoints in the background (async_save.py): sharded ones only (a full one is gathered and
+        # written by rank 0 alone), and at most one in flight (_pending).
+        background = run.fsdp.async_checkpoint and self.checkpoint_type is StateDictType.SHARDED_STATE_DICT
+        self.background = BackgroundWriter(dist_info.device, distributed.timeout_s(run.train.dist_timeout_s)) \
+            if background else None
+        self._pending: Optional[PendingSave] = None
 
     # ---- the train loop's hook -------------------------------------------------------------
-    def __call__(self, state, reason: str) -> Path:
-        """TrainContext.save_checkpoint: reason 'step' (every --save_every_n_steps), 'epoch' or 'best'. Returns the
-        checkpoint folder."""
+    def __call__(self, state, reason: str) -> Optional[Path]:
+        """TrainContext.save_checkpoint. Reasons: 'step' (every --save_every_n_steps; returns None when it is being
+        written in the background), 'preempt' (a stop: this step's checkpoint, on disk), 'epoch' or 'best' (the
+        epoch's end), 'poll' (once per step: seal a background checkpoint whose write has ended everywhere) and
+        'finish' (the end of the run: wait for it). Returns the checkpoint folder written."""
         t = self.run.train
-        if reason == "step":
-            path = self.save(state)
-            self.prune()
+        if reason in ("poll", "finish"):
+            self.settle(wait=reason == "finish")
+            if reason == "finish" and self.background is not None:
+                self.background.close()
+            return None
+        self.settle(wait=True)  # one save at a time: the staging buffers are reused, the order of steps kept
+        if reason in ("step", "preempt"):
+            if reason == "preempt" and state.step in self._saved:
+                return self._saved[state.step]  # this step's periodic checkpoint, sealed just now
+            path = self.save(state, background=reason == "step" and self.background is not None)
+            if path is not None:
+                self.prune()
             return path
         # End of an epoch (or of the run). The weights to export are checkpointed first, marked as such,
         # so that a run killed during the export finishes it when resumed. A checkpoint of this very step
@@ -100,15 +138,17 @@ class Checkpointer:
         tmp = self.root / f"{TMP_MARKER}{final.name}"
 
         def prepare():
-            shutil.rmtree(tmp, ignore_errors=True)
+            # Leftovers of a save that never finished (a kill during a background write): nothing is pending now.
+            for stale in self.root.glob(f"{TMP_MARKER}{layout.STEP_PREFIX}*") if self.root.is_dir() else ():
+                shutil.rmtree(stale, ignore_errors=True)
             (tmp / layout.RNG_DIR).mkdir(parents=True)
 
         distributed.on_rank0(prepare, "prepare the checkpoint folder")
         return tmp
 
-    def _seal(self, tmp: Path, final: Path) -> None:
+    def _seal(self, tmp: Path, final: Path, known_digests: Optional[dict] = None) -> None:
         """Manifest last (every file fsynced first), then the folder into place. Collective."""
-        integrity.write_manifest(tmp)
+        integrity.write_manifest(tmp, known_digests)
 
         def rename():
             replace_directory(tmp, final)
@@ -116,16 +156,18 @@ class Checkpointer:
 
         distributed.on_rank0(rename, "put the checkpoint in place")
 
-    def save(self, state, export_due: bool = False) -> Path:
-        """Write a resumable checkpoint for ``state`` (collective: every rank calls it)."""
+    def save(self, state, export_due: bool = False, background: bool = False) -> Optional[Path]:
+        """Write a resumable checkpoint for ``state`` (collective: every rank calls it). ``background``: return once
+        the state is staged in host memory (None); :meth:`settle` seals it later."""
         start = time.perf_counter()
         final = self.root / layout.step_dir_name(state.step)
         tmp = self._fresh_tmp(final)
         if not self.state.all_finite():
             raise SaveError(f"the trained weights are not finite at step {state.step}; no checkpoint written "
                             f"(lower --lr, or use --gradient_clipping)")
+        write = None
         if self.checkpoint_type is StateDictType.SHARDED_STATE_DICT:
-            self.state.save_sharded(tmp)
+            write = self.state.save_sharded(tmp, self.background if background else None)
         else:
             self.state.save_full(tmp, self.export_settings.tokenizer)
         torch.save(rng_state(self.info.device), layout.rng_file(tmp, self.info.rank))
@@ -137,10 +179,44 @@ class Checkpointer:
             self._write_state(tmp, state, export_due)
 
         distributed.on_rank0(write_run_files, "write the checkpoint state")
+        if write is not None:
+            self._pending = PendingSave(state.step, final, write, blocked_s=time.perf_counter() - start)
+            return None
         self._seal(tmp, final)
-        log(f"--> checkpoint ({self.checkpoint_type.name}) saved to {final} in {time.perf_counter() - start:.1f}s")
+        log(f"--> checkpoint step {state.step} ({self.checkpoint_type.name}) saved to {final} "
+            f"({_size_on_disk(final)} on disk) in {time.perf_counter() - start:.1f}s")
         self._saved[state.step] = final
         return final
+
+    def settle(self, wait: bool) -> None:
+        """Seal the checkpoint being written in the background once every rank's write has ended (``wait``: wait
+        for it; else only if it has). Collective while one is pending (every rank started it at the same step). A
+        failed write raises here, on every rank, with its temporary folder removed and ``checkpoint_step`` set (the
+        step it was of: utils/disk.guard_saves names it)."""
+        pending = self._pending
+        if pending is None:
+            return
+        tmp = pending.write.folder
+        if wait and not pending.write.future.done():
+            log(f"--> waiting for the checkpoint of step {pending.step} to be written (in the background)")
+        try:
+            if not ended_everywhere(pending.write, wait):
+                return
+            self._pending = None
+            written_s = time.perf_counter() - pending.write.started
+            self.state.check_sharded(tmp)
+            self._seal(tmp, pending.final, pending.write.digests)
+        except BaseException as exc:
+            self._pending = None
+            if self.info.is_main:
+                shutil.rmtree(tmp, ignore_errors=True)
+            exc.checkpoint_step = pending.step
+            raise
+        self._saved[pending.step] = pending.final
+        log(f"--> checkpoint step {pending.step} ({self.checkpoint_type.name}) saved to {pending.final} "
+            f"({_size_on_disk(pending.final)} on disk; training blocked {pending.blocked_s:.1f} s, written in the "
+            f"background in {written_s:.1f} s)")
+        self.prune()
 
     def _reseal(self, path: Path, state, export_due: bool) -> None:
         """A new state.json for the checkpoint at ``path``: in a hard-linked copy, sealed anew and swapped in, so that

@@ -76,9 +76,11 @@ def list_files(folder: Path) -> List[str]:
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() or p.is_symlink())
 
 
-def digest_files(folder: Path, names: List[str], sync: bool = False) -> Dict[str, Optional[Digest]]:
+def digest_files(folder: Path, names: List[str], sync: bool = False,
+                 known: Optional[Dict[str, Digest]] = None) -> Dict[str, Optional[Digest]]:
     """Digest of every named file (None: it vanished), each rank reading every world-th one; the merged result
-    on every rank. Collective: every rank calls it with the same ``names``."""
+    on every rank. Collective: every rank calls it with the same ``names``. ``known`` (every rank gives one or none):
+    digests this rank took already (the files it wrote in the background, async_save.py), not read again."""
     folder = Path(folder)
 
     def digest(name: str) -> Optional[Digest]:
@@ -89,10 +91,18 @@ def digest_files(folder: Path, names: List[str], sync: bool = False) -> Dict[str
 
     group = distributed.multi_rank()
     rank, world = (dist.get_rank(), dist.get_world_size()) if group else (0, 1)
-    mine = {name: digest(name) for name in names[rank::world]}
-    if not group:
+    done: Dict[str, Optional[Digest]] = {}
+    if known is not None:
+        done = {k: v for k, v in _gathered(dict(known), world).items() if k in set(names)}
+        names = [n for n in names if n not in done]
+    return {**done, **_gathered({name: digest(name) for name in names[rank::world]}, world)}
+
+
+def _gathered(mine: dict, world: int) -> dict:
+    """Every rank's dict merged, on every rank (collective under more than one rank)."""
+    if world == 1:
         return mine
-    parts: List[Dict[str, Optional[Digest]]] = [{} for _ in range(world)]
+    parts: List[dict] = [{} for _ in range(world)]
     dist.all_gather_object(parts, mine)
     return {k: v for part in parts for k, v in part.items()}
 
@@ -116,13 +126,14 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_manifest(folder: Path) -> None:
+def write_manifest(folder: Path, known: Optional[Dict[str, Digest]] = None) -> None:
     """Seal ``folder``: digest (and fsync) every file in it, then rank 0 writes the manifest. Collective; call once
-    every rank has written every file of the checkpoint, and before the folder is renamed into place."""
+    every rank has written every file of the checkpoint, and before the folder is renamed into place. ``known``:
+    see :func:`digest_files` (files already fsynced and digested by the rank that wrote them)."""
     folder = Path(folder)
     distributed.barrier()  # every rank's files are written
     names = distributed.on_rank0(lambda: [n for n in list_files(folder) if n != MANIFEST], "list the checkpoint")
-    digests = digest_files(folder, names, sync=True)
+    digests = digest_files(folder, names, sync=True, known=known)
 
     def write():
         missing = sorted(n for n, d in digests.items() if d is None)

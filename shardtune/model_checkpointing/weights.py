@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from shardtune.errors import SaveError
+from shardtune.model_checkpointing.async_save import BackgroundWrite, BackgroundWriter
 from shardtune.model_checkpointing.export import canonical_name, export_pretrained, is_peft_model
 from shardtune.utils import distributed
 from shardtune.utils.distributed import DistInfo
@@ -107,21 +108,30 @@ class ModelState:
         return get_optimizer_state_dict(self.parts.model, self.parts.optimizer, options=options)
 
     # ---- SHARDED_STATE_DICT ---------------------------------------------------------------
-    def save_sharded(self, folder: Path) -> None:
+    def save_sharded(self, folder: Path, background: Optional[BackgroundWriter] = None) -> Optional[BackgroundWrite]:
+        """Write the shards into ``folder`` and check them; with ``background``, return once the state is copied into
+        host memory, the write going on in a thread (async_save.py): the caller calls :meth:`check_sharded` once it
+        has ended everywhere."""
         import torch.distributed.checkpoint as dcp
 
-        msd = self.model_state(full=False)
-        osd = self._optimizer_state(full=False)
+        state_dict = {"model": self.model_state(full=False), "optim": self._optimizer_state(full=False)}
+        if background is not None:
+            return background.start(state_dict, folder)
         with quiet_single_process():
-            dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(folder), no_dist=not distributed.group_up())
+            dcp.save(state_dict, checkpoint_id=str(folder), no_dist=not distributed.group_up())
+        self.check_sharded(folder)
+        return None
+
+    def check_sharded(self, folder: Path) -> None:
+        """Every trained weight is in the written shards (rank 0 reads the metadata). Collective."""
         distributed.barrier()
-        expected = set(msd) | (self.trainable if self.is_peft else set())
+        expected = set(self.model_state(full=False)) | (self.trainable if self.is_peft else set())
 
         def check():
             stored = stored_weight_names(folder)
             missing = expected - stored
             if missing or not stored:
-                raise SaveError(f"checkpoint {folder} holds {len(stored)} weight tensors but {len(msd)} were "
+                raise SaveError(f"checkpoint {folder} holds {len(stored)} weight tensors but {len(expected)} were "
                                 f"trained (missing: {', '.join(sorted(missing)[:3])}); not saved")
 
         distributed.on_rank0(check, "check the checkpoint")

@@ -44,7 +44,8 @@ class Telemetry:
 
 
 class SaveCheckpoint(Protocol):
-    """(state, reason) -> the checkpoint folder written; reason is "step", "epoch" or "best"
+    """(state, reason) -> the checkpoint folder written; reason is "step", "preempt", "epoch", "best", or "poll" and
+    "finish" for a checkpoint written in the background (see Checkpointer.__call__)
     (model_checkpointing.checkpoint.Checkpointer, guarded against full disks by utils/disk.guard_saves)."""
 
     def __call__(self, state: TrainState, reason: str) -> Path: ...

@@ -15,6 +15,7 @@ from typing import Iterator, List, Optional
 import torch
 from tqdm import tqdm
 
+from shardtune.errors import TrainingDiverged
 from shardtune.observability.memory import MemoryTracker
 from shardtune.training.context import TrainContext
 from shardtune.training.divergence import check_divergence
@@ -54,21 +55,30 @@ class Trainer:
         self.epoch_times: List[float] = []
 
     def train(self) -> dict:
-        for epoch in range(self.state.epoch, self.t.num_epochs):
-            self.state.epoch = epoch
-            self.model.train()
-            self.memory.start_epoch()
-            epoch_start = time.perf_counter()
-            stop = self.train_epoch()
-            self.end_epoch(epoch_start)
-            if stop:
-                break
+        try:
+            for epoch in range(self.state.epoch, self.t.num_epochs):
+                self.state.epoch = epoch
+                self.model.train()
+                self.memory.start_epoch()
+                epoch_start = time.perf_counter()
+                stop = self.train_epoch()
+                self.end_epoch(epoch_start)
+                if stop:
+                    break
+        except TrainingDiverged:  # every rank raises it at the same step: a checkpoint still being written is sealed
+            self.finish_saves()
+            raise
+        self.finish_saves()  # the run is done when its last checkpoint is on disk
         summary = run_summary(self.state, self.train_losses, self.eval_losses, self.epoch_times, self.memory)
         # Where the data stands (the epoch under way: 0 samples when the last one was completed); state.json holds it
         summary["data_position"] = {"epoch": self.state.epoch, "samples_in_epoch": self.state.samples_in_epoch,
                                     "tokens_in_epoch": self.state.tokens_in_epoch,
                                     "epoch_size": self.sampler.epoch_size()}
         return summary
+
+    def finish_saves(self) -> None:
+        if self.ctx.save_checkpoint:
+            self.ctx.save_checkpoint(self.state, "finish")
 
     def train_epoch(self) -> bool:
         """The optimizer steps of ``state.epoch``, from where it stands. True: the run is to stop after this epoch's
@@ -126,7 +136,9 @@ class Trainer:
             obs.on_step_end(state, record)
         # Before anything of this step is saved. The loss is global, so every rank raises at the same step.
         check_divergence(state, result.loss_sum, result.tokens.supervised, self.t)
-        saved = None  # this step's checkpoint folder, when one is written
+        if ctx.save_checkpoint:
+            ctx.save_checkpoint(state, "poll")  # seal a checkpoint written in the background once it is on disk
+        saved = None  # this step's checkpoint folder, when one is written (None also while written in the background)
         if ctx.save_checkpoint and self.t.save_every_n_steps and state.step % self.t.save_every_n_steps == 0:
             with ctx.telemetry.phases.time("checkpoints"):
                 saved = ctx.save_checkpoint(state, "step")

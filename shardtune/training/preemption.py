@@ -107,7 +107,7 @@ class StopRequest:
         log(f"--> {why}: step {state.step} is done; saving a checkpoint")
         path = saved
         if path is None and ctx.save_checkpoint is not None:
-            path = ctx.save_checkpoint(state, "step")
+            path = ctx.save_checkpoint(state, "preempt")  # on disk before the exit (never in the background)
         raise Preempted(signum, state.step, str(path) if path else None)
 
 

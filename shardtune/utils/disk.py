@@ -68,7 +68,8 @@ def guard_saves(save: Callable, folders: Iterable[Path]) -> Callable:
             if distributed.is_main():
                 for leftover in _temporaries(folders) - before:
                     shutil.rmtree(leftover, ignore_errors=True)
-            raise SaveError(f"could not save the checkpoint of step {state.step} into {where}: {cause}; the "
+            step = getattr(exc, "checkpoint_step", state.step)  # a background write's step (model_checkpointing)
+            raise SaveError(f"could not save the checkpoint of step {step} into {where}: {cause}; the "
                             "previous checkpoint and model are intact") from exc
 
     return guarded
