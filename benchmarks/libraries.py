@@ -273,9 +273,14 @@ from shardtune.datasets.cache import tokenizer_fingerprint
 tok = AutoTokenizer.from_pretrained(ASSETS_DIR / "tiny-llama")
 t0 = time.perf_counter(); ours_before = tokenizer_fingerprint(tok); t1 = time.perf_counter()
 theirs_before = Hasher.hash(tok); t2 = time.perf_counter()
-tok(["some text to tokenise"] * 4, truncation=True, max_length=8, padding="max_length")
-print(json.dumps(dict(ours=[ours_before, tokenizer_fingerprint(tok)], theirs=[theirs_before, Hasher.hash(tok)],
-                      ours_s=t1 - t0, theirs_s=t2 - t1)))
+import shutil, tempfile
+copy = AutoTokenizer.from_pretrained(shutil.copytree(ASSETS_DIR / "tiny-llama", tempfile.mkdtemp() + "/copy"))
+copies = dict(ours=ours_before == tokenizer_fingerprint(copy), theirs=theirs_before == Hasher.hash(copy))
+tok(["some text"], truncation=True, max_length=8)  # shardtune never truncates in the tokenizer
+after = dict(ours=tokenizer_fingerprint(tok), theirs=Hasher.hash(tok))
+tok("some text")
+print(json.dumps(dict(ours=[ours_before, after["ours"], tokenizer_fingerprint(tok)], copies=copies, ours_s=t1 - t0,
+                      theirs=[theirs_before, after["theirs"], Hasher.hash(tok)], theirs_s=t2 - t1)))
 """
 
 
@@ -285,9 +290,11 @@ def bench_cache() -> None:
             for _ in range(2)]
     for who, label in (("ours", "shardtune tokenizer_fingerprint"), ("theirs", "datasets Hasher.hash(tokenizer)")):
         values = [h for run in runs for h in run[who]]
-        print(f"  {label:34s} {min(run[who + '_s'] for run in runs) * 1000:6.1f} ms; same after the tokenizer was "
-              f"called: {runs[0][who][0] == runs[0][who][1]}; same in a second process: {runs[0][who][0] == runs[1][who][0]}"
-              f"; distinct values {len(set(values))}")
+        first = runs[0][who]
+        print(f"  {label:34s} {min(run[who + '_s'] for run in runs) * 1000:6.1f} ms; same in a second process: "
+              f"{first[0] == runs[1][who][0]}; same for a copy of the tokenizer in another folder: "
+              f"{runs[0]['copies'][who]}; same after a call with truncation=True: {first[0] == first[1]}, and after a "
+              f"plain call: {first[0] == first[2]}; distinct values {len(set(values))}")
     from datasets import Dataset
 
     in_memory = Dataset.from_dict({"i": list(range(10))}).map(lambda b: b, batched=True)
@@ -311,13 +318,19 @@ else:
 """
 
 
-def _count_fsyncs(fn) -> int:
+def _count_fsyncs(fn, module=None) -> int:
+    """fsync calls made by ``fn`` (atomicwrites binds os.fsync at import as ``_proper_fsync``: counted there)."""
     calls, real = [], os.fsync
-    os.fsync = lambda fd: (calls.append(fd), real(fd))[1]
+    counting = lambda fd: (calls.append(fd), real(fd))[1]  # noqa: E731
+    os.fsync = counting
+    if module is not None:
+        module._proper_fsync = counting
     try:
         fn()
     finally:
         os.fsync = real
+        if module is not None:
+            module._proper_fsync = real
     return len(calls)
 
 
@@ -340,7 +353,7 @@ def bench_atomic() -> None:
 
             writers["atomicwrites.atomic_write"] = via_atomicwrites
         for name, write in writers.items():
-            fsyncs = _count_fsyncs(write)
+            fsyncs = _count_fsyncs(write, None if 'shardtune' in name else atomicwrites)
             print(f"  {name:30s} 1.2 KB file: {best_of(write, repeat=5, number=20) * 1000:6.2f} ms, {fsyncs} fsync "
                   f"call(s){' (the file, then its folder)' if fsyncs == 2 else ' (the file; not its folder)'}")
             # Killed while writing 400 MB over an existing file: the old file must survive whole.
@@ -355,13 +368,13 @@ def bench_atomic() -> None:
                   f"{len(left)}")
             for p in left:
                 (Path(tmp) / p).unlink()
-        # safetensors writes its target in place: overwriting keeps the inode (a reader can see a half file).
+        # safetensors (0.8) writes a temporary file and renames it (a new inode), with no fsync (strace shows none).
         weights = Path(tmp) / "model.safetensors"
         save_file({"w": torch.zeros(4)}, str(weights))
         inode = weights.stat().st_ino
         save_file({"w": torch.ones(4)}, str(weights))
-        print(f"  safetensors.save_file over an existing file: same inode (written in place, not atomic): "
-              f"{weights.stat().st_ino == inode}; neither library replaces a folder (atomic_directory: renameat2 swap)")
+        print(f"  safetensors.save_file over an existing file: replaced by a rename (new inode): "
+              f"{weights.stat().st_ino != inode}; neither library replaces a folder (atomic_directory: renameat2 swap)")
 
 
 # --- trackers: observability/trackers.py's thin wrappers vs accelerate.tracking's ----------------------------------
@@ -381,10 +394,11 @@ def bench_trackers() -> None:
     from shardtune.observability.trackers import TensorBoardTracker, scalars
 
     records = [("train_step", {"step": k, "epoch": 0, "loss": 3.0 - k / 100, "lr": 1e-4, "grad_norm": 1.0})
-               for k in range(1, 101)]
+               for k in range(1, 1001)]
     with tempfile.TemporaryDirectory(dir=ROOT) as tmp:
         ours = TensorBoardTracker(Path(tmp) / "ours")
-        t_ours = best_of(lambda: [ours.write(kind, values) for kind, values in records], repeat=3)
+        t_ours = best_of(lambda: [ours.write(kind, values) for kind, values in records], repeat=1)  # once: the same
+        # steps written twice would read back as a restarted run
         ours.close()
         theirs = AccelerateTensorBoard("run", Path(tmp) / "accelerate")
         try:
@@ -396,10 +410,10 @@ def bench_trackers() -> None:
         PartialState()
         theirs.start()
         t_theirs = best_of(lambda: [theirs.log(scalars(kind, values), step=values["step"]) for kind, values in records],
-                           repeat=3)
+                           repeat=1)
         theirs.finish()
         same = _read_scalars(Path(tmp) / "ours") == _read_scalars(Path(tmp) / "accelerate" / "run")
-        print(f"  100 train_step records (x3): ours {t_ours * 1000:.1f} ms, accelerate {t_theirs * 1000:.1f} ms; "
+        print(f"  1000 train_step records: ours {t_ours * 1000:.1f} ms, accelerate {t_theirs * 1000:.1f} ms; "
               f"identical scalars read back: {same} (both call SummaryWriter.add_scalar; the record -> tag mapping is "
               "ours either way)")
 
