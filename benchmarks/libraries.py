@@ -220,7 +220,7 @@ def bench_packing() -> None:
 # --- sampler: data/sampler.py vs torch's DistributedSampler + BatchSampler and torchdata's StatefulDataLoader ------
 
 def bench_sampler() -> None:
-    from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
+    from torch.utils.data import BatchSampler, DistributedSampler
 
     from shardtune.data.sampler import RandomBatchSampler
 
@@ -245,7 +245,8 @@ def bench_sampler() -> None:
     sampler = BatchSampler(torch.utils.data.RandomSampler(data, generator=torch.Generator().manual_seed(0)), 4, False)
     loader = sdl.StatefulDataLoader(data, batch_sampler=sampler)
     it = iter(loader)
-    first = [next(it).tolist() for _ in range(3)]
+    for _ in range(3):  # 3 batches taken, then the run stops
+        next(it)
     state = loader.state_dict()
     rest = [b.tolist() for b in it]
     again = sdl.StatefulDataLoader(data, batch_sampler=BatchSampler(torch.utils.data.RandomSampler(
@@ -259,7 +260,6 @@ def bench_sampler() -> None:
     expected = [i for b in rest for i in b]
     print(f"  torchdata StatefulDataLoader: same layout resumes exactly: {same}; batch 4 -> 2 continues the order: "
           f"{left == expected} ({len(left)} samples left, {len(expected)} expected; it skips batches, not samples)")
-    del first
 
 
 # --- cache: datasets/cache.py's explicit key vs the datasets library's own fingerprint of the tokenising map -------
