@@ -150,11 +150,7 @@ class Checkpointer:
         """Manifest last (every file fsynced first), then the folder into place. Collective."""
         integrity.write_manifest(tmp, known_digests)
 
-        def rename():
-            replace_directory(tmp, final)
-            integrity.fsync_dir(final.parent)
-
-        distributed.on_rank0(rename, "put the checkpoint in place")
+        distributed.on_rank0(lambda: replace_directory(tmp, final), "put the checkpoint in place")  # and fsyncs
 
     def save(self, state, export_due: bool = False, background: bool = False) -> Optional[Path]:
         """Write a resumable checkpoint for ``state`` (collective: every rank calls it). ``background``: return once

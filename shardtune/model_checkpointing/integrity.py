@@ -33,7 +33,7 @@ import torch.distributed as dist
 
 from shardtune.model_checkpointing.layout import RUN_CONFIG_FILE, STATE_FILE
 from shardtune.utils import distributed
-from shardtune.utils.io import atomic_write_text
+from shardtune.utils.io import atomic_write_text, fsync_dir
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = 2
@@ -115,15 +115,6 @@ def _render(files: Dict[str, Digest]) -> str:
     body = json.dumps({"format": MANIFEST_FORMAT, "files": files}, sort_keys=True, separators=(",", ":"))
     return json.dumps({"format": MANIFEST_FORMAT, "files": files, "manifest_crc32": zlib.crc32(body.encode())},
                       indent=1, sort_keys=True) + "\n"
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a folder's entries (new files, renames) durable."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def write_manifest(folder: Path, known: Optional[Dict[str, Digest]] = None) -> None:

@@ -2,7 +2,8 @@
 
 Everything we write (configs, checkpoints, exported models) goes through a temporary name in the same
 folder and is then renamed into place; ``os.replace`` of a file and ``os.rename`` of a fresh folder
-are atomic on POSIX file systems.
+are atomic on POSIX file systems. Durable too: the data is fsynced before the rename and the folder holding the
+new name after it, so a power loss right after a write leaves the old version or the new one, not an empty file.
 """
 from __future__ import annotations
 
@@ -29,6 +30,25 @@ def atomic_write_text(path: PathLike, text: str) -> None:
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def fsync_dir(path: PathLike) -> None:
+    """Make a folder's entries (new files, renames) durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(folder: PathLike) -> None:
+    """fsync every file under ``folder`` and every folder in it (before the tree is renamed into place)."""
+    for root, _, files in os.walk(folder):
+        for name in files:
+            with open(os.path.join(root, name), "rb") as fh:
+                os.fsync(fh.fileno())
+        fsync_dir(root)
 
 
 @contextlib.contextmanager
@@ -44,6 +64,7 @@ def atomic_directory(final: PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    fsync_tree(tmp)  # the writers (safetensors, save_pretrained) do not fsync
     replace_directory(tmp, final)
 
 
@@ -79,6 +100,7 @@ def replace_directory(src: Path, final: Path) -> None:
     honour_umask(src)
     if not final.exists():
         os.rename(src, final)
+        fsync_dir(final.parent)
         return
     if _exchange(src, final):
         old = src  # after the swap, src holds the previous final
@@ -86,6 +108,7 @@ def replace_directory(src: Path, final: Path) -> None:
         old = final.with_name(f"{TMP_MARKER}old-{uuid.uuid4().hex[:8]}-{final.name}")
         os.rename(final, old)
         os.rename(src, final)
+    fsync_dir(final.parent)
     shutil.rmtree(old, ignore_errors=True)
 
 
