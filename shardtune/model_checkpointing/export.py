@@ -23,7 +23,7 @@ import json
 import time
 from collections import defaultdict
 from pathlib import Path
-from typing import Callable, Dict, Iterable, Optional
+from typing import Callable, Dict, Iterable, Optional, Tuple
 
 import torch
 
@@ -172,16 +172,19 @@ def tied_copies(lm, names: Iterable[str]) -> set:
     return copies
 
 
-def saved_format(lm, written_meta: Dict[str, torch.Tensor]) -> Optional[Convert]:
-    """transformers' reverse weight conversion (e.g. fused MoE experts back to the checkpoint's layout), applied
-    per layer while writing; None when the model has none (the names are written as they are)."""
+def saved_format(lm, sources: Dict[str, torch.Tensor]) -> Tuple[Dict[str, torch.Tensor], Optional[Convert]]:
+    """transformers' reverse weight conversion (a model loaded by from_pretrained may carry renamings, fused MoE
+    experts...), applied per layer while writing, and ``sources`` in the order save_pretrained then writes them
+    (sorted by its natural key); ``(sources, None)`` when the model has no conversion."""
     try:
-        from transformers.core_model_loading import revert_weight_conversion
+        from transformers.core_model_loading import dot_natural_key, revert_weight_conversion
     except ImportError:  # a transformers without weight conversions
-        return None
-    if revert_weight_conversion(lm, written_meta) is written_meta:  # its shortcut when there is nothing to do
-        return None
-    return lambda group: revert_weight_conversion(lm, group)
+        return sources, None
+    meta = {k: torch.empty(tuple(v.shape), dtype=v.dtype, device="meta") for k, v in sources.items()}
+    if revert_weight_conversion(lm, meta) is meta:  # its shortcut when there is nothing to do
+        return sources, None
+    ordered = dict(sorted(sources.items(), key=lambda kv: dot_natural_key(kv[0])))
+    return ordered, lambda group: revert_weight_conversion(lm, group)
 
 
 def export_model(lm, state_dict: Dict[str, torch.Tensor], out_dir: Path, tokenizer=None,
@@ -196,8 +199,7 @@ def export_model(lm, state_dict: Dict[str, torch.Tensor], out_dir: Path, tokeniz
     sources = {canonical_name(k): v for k, v in state_dict.items() if canonical_name(k) not in ignored}
     tied = tied_copies(lm, sources)
     sources = {k: v for k, v in sources.items() if k not in tied}
-    meta = {k: torch.empty(tuple(v.shape), dtype=v.dtype, device="meta") for k, v in sources.items()}
-    convert = saved_format(lm, meta)
+    sources, convert = saved_format(lm, sources)
     floating = [v.dtype for v in sources.values() if v.is_floating_point()]
     weights_dtype = dtype or (floating[0] if floating else None)
 

@@ -34,6 +34,7 @@ from shardtune.utils import distributed
 MAX_SHARD_SIZE = "1GB"
 ONE_FILE = 1 << 62  # a shard size no tensor reaches: everything in one file (PEFT adapters must be one file)
 INDEX_SUFFIX = ".index.json"
+VERIFY_PIECE_BYTES = 16 << 20  # a written tensor is read back and compared in pieces of about this size
 
 # A model's tensors in the order they are gathered; a conversion (convert=) sees one group at a time.
 Tensors = Dict[str, torch.Tensor]
@@ -122,17 +123,30 @@ class ShardPlan:
 
 
 def _write_shard(path: Path, shard: Tensors) -> int:
-    """Write one safetensors file and read it back tensor by tensor (freeing each as it is compared); its size."""
+    """Write one safetensors file, then read it back and compare, tensor by tensor; returns its size. ``shard`` is
+    emptied as it is compared, so that what was gathered is freed as soon as it is known to be on disk."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
     save_file(shard, str(path), metadata={"format": "pt"})
     with safe_open(str(path), framework="pt") as fh:
-        if set(fh.keys()) != set(shard):
-            raise SaveError(f"{path} holds {len(set(fh.keys()))} tensors but {len(shard)} were written to it; "
-                            f"the trained model was NOT saved")
-        for name in list(shard):
-            if not torch.equal(fh.get_tensor(name), shard.pop(name)):
+        stored = set(fh.keys())
+    if stored != set(shard):
+        raise SaveError(f"{path} holds {len(stored)} tensors but {len(shard)} were written to it; the trained "
+                        f"model was NOT saved")
+    for name in list(shard):
+        want = shard.pop(name)
+        rows = want.shape[0] if want.dim() else 1
+        step = max(1, VERIFY_PIECE_BYTES // max(1, want.nbytes // max(1, rows)))
+        for start in range(0, rows, step):
+            # Reopened for every piece: the file's pages that a comparison maps are unmapped again right after
+            # (they would count as this process's memory until the file is closed).
+            with safe_open(str(path), framework="pt") as fh:
+                whole = want.dim() == 0 or step >= rows
+                got = fh.get_tensor(name) if whole else fh.get_slice(name)[start:start + step]
+                same = torch.equal(got, want if whole else want[start:start + step])
+                del got
+            if not same:
                 raise SaveError(f"{path}: tensor {name} differs from the trained one after writing; the trained "
                                 f"model was NOT saved")
     return path.stat().st_size
