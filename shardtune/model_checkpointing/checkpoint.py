@@ -249,18 +249,12 @@ class Checkpointer:
 
     # ---- the deliverable ----------------------------------------------------------------------
     def export(self, out_dir: Path, step: int) -> None:
-        """A Hugging Face folder in the base model's dtype, or a PEFT adapter folder, checked after writing
-        (export.py). Collective."""
-        sd = self.state.gathered_weights()
+        """A Hugging Face folder in the base model's dtype, or a PEFT adapter folder, written shard by shard and
+        checked as it is written (export.py). Collective."""
         is_peft = self.state.is_peft
-
-        def write():
-            out = export_pretrained(self.parts.lm, self.export_settings.tokenizer, out_dir, state_dict=sd,
-                                    dtype=None if is_peft else self.export_settings.dtype,
-                                    info={"run_id": self.run_id, "step": step})
-            log(f"--> saved {'adapter' if is_peft else 'model'} (step {step}) to {out}")
-
-        distributed.on_rank0(write, "save the model")
+        export_pretrained(self.parts.lm, self.export_settings.tokenizer, out_dir,
+                          state_dict=self.state.export_tensors(), dtype=None if is_peft else self.export_settings.dtype,
+                          info={"run_id": self.run_id, "step": step})
 
     def finish_interrupted_export(self, point: ResumePoint) -> None:
         """Resuming from a checkpoint whose weights were to be exported: export them unless <output_dir>/model

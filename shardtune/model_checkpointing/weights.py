@@ -1,10 +1,11 @@
 """The model's and optimizer's state, into a checkpoint's files and back, for FSDP and single-process runs alike.
 
 SHARDED_STATE_DICT: torch.distributed.checkpoint (DCP) writes every rank's shards of the trainable weights
-and of the optimizer state in parallel; nothing is gathered. FULL_STATE_DICT: both are gathered on rank 0,
-the weights written as a Hugging Face (or PEFT adapter) folder in the training dtype, the optimizer state
-as ``optimizer.pt``. Frozen parameters (a PEFT run's base model, --freeze_layers) are not stored in sharded
-checkpoints; they come from --model_name again on resume, exactly as at the start of the run.
+and of the optimizer state in parallel; nothing is gathered. FULL_STATE_DICT: the weights are written as a
+Hugging Face (or PEFT adapter) folder in the training dtype, gathered and written one shard at a time
+(export.py); the optimizer state is gathered on rank 0 and written as ``optimizer.pt``. Frozen parameters (a
+PEFT run's base model, --freeze_layers) are not stored in sharded checkpoints; they come from --model_name again
+on resume, exactly as at the start of the run.
 """
 from __future__ import annotations
 
@@ -96,9 +97,16 @@ class ModelState:
             sd = {k: v for k, v in sd.items() if k in self.trainable}
         return sd
 
-    def gathered_weights(self) -> dict:
-        """The full (gathered on rank 0) weights, keyed as the transformers model / PeftModel names them."""
-        return strip_prefix(self.model_state(full=True))
+    def export_tensors(self) -> dict:
+        """The weights an export writes, keyed as the transformers model / PeftModel names them: the trainable
+        parameters for PEFT runs, every weight otherwise. Live tensors, not copies (FSDP2: DTensor shards, which
+        export.py gathers one at a time, collectively): saving never holds the whole model in host memory."""
+        model = self.parts.model
+        if self.is_peft:
+            named = {canonical_name(n): p for n, p in model.named_parameters() if p.requires_grad}
+        else:
+            named = {canonical_name(k): v for k, v in model.state_dict(keep_vars=True).items()}
+        return strip_prefix(named)
 
     def _optimizer_state(self, full: bool) -> dict:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
@@ -154,14 +162,10 @@ class ModelState:
 
     # ---- FULL_STATE_DICT ------------------------------------------------------------------
     def save_full(self, folder: Path, tokenizer) -> None:
-        msd = self.gathered_weights()
+        # The weights stream (collective, training dtype: exact); the optimizer state is gathered only after.
+        export_pretrained(self.parts.lm, tokenizer, folder / MODEL_DIR, state_dict=self.export_tensors())
         osd = self._optimizer_state(full=True)
-
-        def write():
-            export_pretrained(self.parts.lm, tokenizer, folder / MODEL_DIR, state_dict=msd)  # training dtype: exact
-            torch.save(osd, folder / OPTIMIZER_FILE)
-
-        distributed.on_rank0(write, "write the checkpoint")
+        distributed.on_rank0(lambda: torch.save(osd, folder / OPTIMIZER_FILE), "write the checkpoint")
 
     def load_full_optimizer(self, folder: Path) -> None:
         """The optimizer state (the weights came in through --model_name / the adapter folder)."""
