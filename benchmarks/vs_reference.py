@@ -9,7 +9,7 @@
 ``--whole_run N``: the run users pay for, launch to the saved model: validation on (N eval batches), the end
 checkpoint (SHARDED_STATE_DICT into --dist_checkpoint_folder fine-tuned) and, for shardtune, the exported model;
 the table gains the wall time, the host peak RSS (saving included) and shardtune's phases (summary.json).
-``--repeat``: each shardtune run a second time with the same command and output folder (its data cache and the
+``--repeat``: each --runs mode's shardtune run a second time with the same command and output folder (its data cache and the
 compile cache warm), as a user's second launch.
 
 1. Builds the model shape once (benchmarks/make_random_model.py: random bf16 weights, real vocabulary)
@@ -74,6 +74,7 @@ LEVERS = {
     "cta4": ([], {"NCCL_MAX_CTAS": "4"}),
     "cta16": ([], {"NCCL_MAX_CTAS": "16"}),
     "hiprio": ([], {"TORCH_NCCL_HIGH_PRIORITY": "1"}),
+    "save4": (["--save_every_n_steps", "4"], {}),  # periodic checkpoints (background writes) during the run
     "prof": (["--use_profiler", "True", "--profiler_wait", "8", "--profiler_warmup", "2", "--profiler_active", "3"],
              {}),
 }
@@ -272,7 +273,7 @@ def main():
     ap.add_argument("--st_only", default="default_ac", help="shardtune-only runs: mode or mode@lever")
     ap.add_argument("--whole_run", type=int, default=0, metavar="N",
                     help="validation (N eval batches) and saving on: launch to saved model (module docstring)")
-    ap.add_argument("--repeat", action="store_true", help="each shardtune run twice (the second: warm caches)")
+    ap.add_argument("--repeat", action="store_true", help="each --runs mode's shardtune run twice (warm caches)")
     ap.add_argument("--short", action="store_true", help="harness check: 2 layers, 4 steps, context 512, full_ac")
     args = ap.parse_args()
     if args.short:
@@ -305,28 +306,34 @@ def main():
     print(env, flush=True)
 
     results = []
+
+    def save():  # after every run: a call cut off by its time limit still returns what it measured
+        text = table(results, env)
+        (out / "table.md").write_text(text + "\n")
+        (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+        with open(out / "logs_tail.txt", "w") as fh:  # the device returns few files: the end of every log in one
+            for r in results:
+                lines = Path(r["log"]).read_text(errors="replace").replace("\r", "\n").splitlines()
+                fh.write(f"==== {r['who']} {r['mode']} ({r['log']})\n" + "\n".join(
+                    ln for ln in lines[-60:] if "it/s]" not in ln and "s/it]" not in ln) + "\n")
+        return text
+
     for mode in [m for m in args.runs.split(",") if m]:
         if args.reference:
             print(f"-- reference {mode}", flush=True)
             results.append(run_reference(args, mode, model, data, logs))
+            save()
         print(f"-- shardtune {mode}", flush=True)
         results.append(run_shardtune(args, mode, model, data, logs))
+        save()
         if args.repeat:
             results.append(run_shardtune(args, mode, model, data, logs, again=True))
+            save()
     for name in [m for m in args.st_only.split(",") if m]:
         print(f"-- shardtune {name}", flush=True)
         results.append(run_shardtune(args, name, model, data, logs))
-        if args.repeat:
-            results.append(run_shardtune(args, name, model, data, logs, again=True))
-    text = table(results, env)
-    print("\n" + text, flush=True)
-    (out / "table.md").write_text(text + "\n")
-    (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
-    with open(out / "logs_tail.txt", "w") as fh:  # the device returns few files: the end of every log in one
-        for r in results:
-            lines = Path(r["log"]).read_text(errors="replace").replace("\r", "\n").splitlines()
-            fh.write(f"==== {r['who']} {r['mode']} ({r['log']})\n" + "\n".join(
-                ln for ln in lines[-60:] if "it/s]" not in ln and "s/it]" not in ln) + "\n")
+        save()
+    print("\n" + save(), flush=True)
     return 0 if all(r.get("rc") == 0 for r in results) else 1
 
 
