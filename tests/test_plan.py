@@ -270,3 +270,18 @@ def test_the_runs_log_lines_once(tiny_llama_dir, capsys):
     captured = capsys.readouterr()
     assert "fits: NO" in captured.out
     assert captured.err.count("--> attention:") == 1 and captured.err.count("--> torch.compile:") == 1
+
+
+def test_background_checkpoints_stage_what_a_sharded_checkpoint_stores(benchmark_shapes, capsys):
+    """Per rank while training: the trained weights and two AdamW moments in the master dtype (bf16 under
+    pure_bf16), sharded; nothing without periodic saves or with --fsdp_config.async_checkpoint False."""
+    from shardtune.planning.estimate import Cluster, plan_run
+
+    base = {"model_name": str(benchmark_shapes / "llama3.2-3b"), "enable_fsdp": True, "fsdp_config.pure_bf16": True}
+    periodic = {**base, "save_every_n_steps": 100}
+    planned = {n: plan_run(kw, Cluster(gpus=n, gpu_memory=139 * 2**30), quiet=True).host_checkpoint_staging
+               for n, kw in ((1, periodic), (4, periodic))}
+    assert planned[1] == 3 * plan_run(base, Cluster(gpus=1, gpu_memory=139 * 2**30), quiet=True).trainable * 2
+    assert planned[4] == planned[1] // 4
+    for kw in (base, {**periodic, "fsdp_config.async_checkpoint": False}):
+        assert plan_run(kw, Cluster(gpus=1, gpu_memory=139 * 2**30), quiet=True).host_checkpoint_staging == 0

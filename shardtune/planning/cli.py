@@ -118,6 +118,9 @@ def format_plan(plan: RunPlan, change: Optional[str] = None, changed: Optional[R
         lines.append(f"  {name:<23}rank 0 {_gb(host.rank0)}, each other rank {_gb(host.other_ranks)}; "
                      f"first host {_gb(host.first_host)}" + (f", other hosts {_gb(host.other_hosts)}" if c.nodes > 1
                                                               else "") + ("   <- this run" if used else ""))
+    if plan.host_checkpoint_staging:
+        lines += [f"per rank while training: {_gb(plan.host_checkpoint_staging)} of host memory, the staging copy of "
+                  "background checkpoints", "  (--fsdp_config.async_checkpoint False: none; training waits for each save)"]
     if plan.fits:
         lines.append(f"fits: yes ({_gb(c.gpu_memory - g.needed)} to spare per GPU)")
     elif g is None:

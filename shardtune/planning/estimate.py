@@ -29,6 +29,7 @@ from typing import Any, Dict, Optional
 import torch
 
 from shardtune.configs import precision as P
+from shardtune.configs.fsdp import StateDictType
 from shardtune.configs.parse import parse_cli, resolve_compile
 from shardtune.configs.run import RunConfigs
 from shardtune.errors import ConfigError
@@ -143,6 +144,9 @@ class RunPlan:
     host_low_cpu: HostMemory
     host_without: HostMemory
     low_cpu_fsdp: bool
+    # Per rank, while training: the host copy that background checkpoints stage the local weights and optimizer
+    # state into (model_checkpointing/async_save.py; kept for the whole run). 0: no background checkpoints.
+    host_checkpoint_staging: int = 0
 
     @property
     def fits(self) -> bool:
@@ -232,7 +236,20 @@ def plan_run(kwargs: Dict[str, Any], cluster: Cluster, quiet: bool = False) -> R
         gpu=gpu_memory(mem, memory_plan, states, offloaded, largest_unit(model, layers) * _compute_bytes(precision),
                        quantization_state, bool(t.use_peft and t.peft_method == "lora"))
         if mem else None,
-        host_low_cpu=host[True], host_without=host[False], low_cpu_fsdp=bool(t.low_cpu_fsdp))
+        host_low_cpu=host[True], host_without=host[False], low_cpu_fsdp=bool(t.low_cpu_fsdp),
+        host_checkpoint_staging=checkpoint_staging(run, model, precision, shard_size))
+
+
+def checkpoint_staging(run: RunConfigs, model, precision: str, shard_size: int) -> int:
+    """One rank's staging copy of a background checkpoint: what a sharded checkpoint stores (the trained weights
+    and their two AdamW moments, in the master dtype), when periodic checkpoints are written in the background
+    (as Checkpointer decides: --save_every_n_steps, SHARDED_STATE_DICT, --fsdp_config.async_checkpoint)."""
+    t, f = run.train, run.fsdp
+    if not (t.save_every_n_steps and f.async_checkpoint
+            and f.checkpoint_type is StateDictType.SHARDED_STATE_DICT):
+        return 0
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return 3 * trainable * P.master_dtype(precision).itemsize // shard_size
 
 
 def state_bytes(model, precision: str, shard_size: int, frozen_in_compute_dtype: bool) -> Dict[str, int]:
