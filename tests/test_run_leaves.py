@@ -12,6 +12,8 @@ import sys
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
+import pytest
+
 from test_observability import _tiny_alpaca
 
 from shardtune.observability.metrics import MetricsWriter, read_metrics
@@ -108,19 +110,22 @@ def test_plots_cli_without_matplotlib_is_one_error_line(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # 2. --help fits the terminal
 # ---------------------------------------------------------------------------------------------
-def test_help_fits_100_columns_without_breaking_intervals_or_abbreviations():
+@pytest.mark.parametrize("width", [100, 80, 60])  # 60: the narrowest it wraps to (help.MIN_WIDTH)
+def test_help_fits_the_width_without_breaking_intervals_or_abbreviations(width):
     from shardtune.configs.help import format_help
     from shardtune.configs.run import RunConfigs
 
-    texts = [format_help(width=100)] + [format_help(name, width=100) for name in RunConfigs().by_name()]
+    texts = [format_help(width=width)] + [format_help(name, width=width) for name in RunConfigs().by_name()]
     for text in texts:
         for line in text.splitlines():
-            assert len(line) <= 100, line
+            assert len(line) <= width, line
             words = line.split()
             # an interval opened on this line is closed on it: "[0," or "(0," never ends a line
             assert not (words and re.fullmatch(r"[\[(]-?[\w.]+,", words[-1])), line
             if line.endswith(" ..."):  # a cut description
                 assert words[-2].rstrip(".,") not in ("e.g", "i.e", "cf", "vs"), line
+    if width != 100:
+        return
     # the rows that once cut before their range, or at "e.g", now end with the range or a whole word
     compact = texts[0]
     assert re.search(r"^  --context_length .* \[1, inf\)$", compact, re.M)

@@ -148,6 +148,9 @@ def format_config(run: RunConfigs, name: str, width: int, full: bool = True) -> 
     lines = _wrap(_title(cfg), width, f"{name}: ", "  ")
     for flag, tp, default, f in rows:
         head = f"  {flag:<{flag_w}}  {tp:<{type_w}}  {default:<{default_w}}  "
+        if len(head.rstrip()) > width:  # a long flag beside a long default: the default gets a line of its own
+            lines += [f"  {flag:<{flag_w}}  {tp}", " " * DOC_INDENT + f"default: {default}"]
+            head = " " * indent
         if len(head) > indent:  # an over-long default or a narrow terminal: the doc starts on the next line
             lines.append(head.rstrip())
             head = " " * indent
