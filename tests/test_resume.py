@@ -13,11 +13,13 @@ from shardtune.errors import ConfigError
 from shardtune.observability.metrics import read_metrics as _records
 
 
-def _interrupted_vs_uninterrupted(tmp_path, model_dir, world, stop_at, total, resume_from="auto", **flags):
-    """Run A straight to `total` steps; run B to `stop_at` (checkpoint there), then resume B to `total`."""
+def _interrupted_vs_uninterrupted(tmp_path, model_dir, world, stop_at, total, resume_from="auto", saving=None,
+                                  **flags):
+    """Run A straight to `total` steps; run B to `stop_at` (checkpoint there, with the flags `saving`), then resume
+    B to `total`."""
     run_ranks(world, base_kwargs(model_dir, tmp_path / "A", max_train_step=total, **flags), tmp_path / "ra")
     b = base_kwargs(model_dir, tmp_path / "B", max_train_step=stop_at, save_every_n_steps=stop_at, **flags)
-    run_ranks(world, b, tmp_path / "rb1")
+    run_ranks(world, {**b, **(saving or {})}, tmp_path / "rb1")
     resume = resume_from if resume_from == "auto" else str(tmp_path / "B" / "checkpoints" / "fine-tuned" /
                                                              resume_from)
     results = run_ranks(world, {**b, "max_train_step": total, "save_every_n_steps": 0, "resume_from": resume},
@@ -31,9 +33,9 @@ def _interrupted_vs_uninterrupted(tmp_path, model_dir, world, stop_at, total, re
 @pytest.mark.parametrize("case", ["sharded", "sharded_synchronous", "lora_ga_dropout", "full_state_dict",
                                   "single_process", "bf16_pure_anyprecision"])
 def test_resume_mid_epoch_is_exact(case, tiny_llama_dir, tmp_path):
-    flags, world, resume_from = {}, 2, "auto"
+    flags, world, resume_from, saving = {}, 2, "auto", None
     if case == "sharded_synchronous":  # "sharded" writes its periodic checkpoint in the background (the default)
-        flags = {"fsdp_config.async_checkpoint": False}
+        saving = {"fsdp_config.async_checkpoint": False}
     if case == "bf16_pure_anyprecision":  # bf16 moments and Kahan compensation through DCP
         flags = {"precision": "bf16_pure", "fsdp_config.optimizer": "anyprecision", "use_kahan_summation": True}
     if case == "lora_ga_dropout":  # dropout draws from the RNG: only an exact RNG restore reproduces it
@@ -42,7 +44,7 @@ def test_resume_mid_epoch_is_exact(case, tiny_llama_dir, tmp_path):
         flags = {"fsdp_config.checkpoint_type": "FULL_STATE_DICT"}
     if case == "single_process":  # no process group: DCP without one
         flags, world = dict(enable_fsdp=False, use_peft=True), 1
-    a, b = _interrupted_vs_uninterrupted(tmp_path, tiny_llama_dir, world, 3, 6, resume_from, **flags)
+    a, b = _interrupted_vs_uninterrupted(tmp_path, tiny_llama_dir, world, 3, 6, resume_from, saving, **flags)
     assert b == a  # exactly
     # the epoch summary of the resumed run covers the whole epoch, as the uninterrupted one
     (ea,), eb = _records(tmp_path / "A", "epoch"), _records(tmp_path / "B", "epoch")
