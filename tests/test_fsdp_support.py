@@ -147,6 +147,14 @@ def step_losses(out_dir) -> List[float]:
     return [r["loss"] for r in records]
 
 
+def log_line(text: str, key: str) -> str:
+    """The one line of a run's output that holds ``key`` (a key word such as "activation checkpointing"), for
+    tests that check a logged decision by its numbers and key words rather than by its wording."""
+    lines = [ln for ln in text.splitlines() if key in ln]
+    assert len(lines) == 1, f"{len(lines)} lines hold {key!r}:\n" + "\n".join(lines or text.splitlines()[-30:])
+    return lines[0]
+
+
 def _fn_worker(local_rank: int, world: int, port: int, fn, result_dir: str) -> None:
     import torch.distributed as dist
 
