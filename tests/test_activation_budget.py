@@ -183,23 +183,19 @@ def test_one_rank_keeps_only_the_last_layer_gathered_and_several_fill_the_room(m
 def test_auto_choice_in_a_real_run(tiny_llama_dir, tmp_path, capsys, monkeypatch, budget, fsdp, expected):
     """A real single-process run with the GPU's budget faked: by default the tiny model (2,048-token vocabulary:
     its chunked loss saves nothing) is checkpointed as the conventional step is; a whole (ample) GPU's budget
-    checkpoints no layer; an impossible one every layer and says the estimate is over; the losses are those of
-    every layer checkpointed."""
-    from test_fsdp_support import ac_decision, step_losses
+    checkpoints no layer; an impossible one every layer and says the estimate is over. (That checkpointing changes
+    no loss: test_training.py in one process, test_fsdp.py and test_speed_levers.py on 2 ranks.)"""
+    from test_fsdp_support import ac_decision
 
     from shardtune.finetuning import main
 
     common = dict(model_name=str(tiny_llama_dir), max_train_step=2, save_model=False, context_length=128,
                   num_epochs=1, save_metrics=True)  # validation on and the CPU's precision, as users get them
-    main(output_dir=str(tmp_path / "all"), **{"fsdp_config.ac_every_n_layers": 1}, **common)
-    every = ac_decision(capsys.readouterr().out)
-    assert "2 of 2" in every and "--fsdp_config.ac_every_n_layers 1" in every, every
     monkeypatch.setattr(AB, "device_budget", lambda device, fraction: budget)
     main(output_dir=str(tmp_path / "auto"), **common, **fsdp)
     auto = ac_decision(capsys.readouterr().out)
     assert expected in auto and "auto" in auto and "estimated peak" in auto, auto
     assert ("OVER" in auto) == (budget == 1), auto
-    assert step_losses(tmp_path / "auto") == pytest.approx(step_losses(tmp_path / "all"), abs=1e-6)
 
 
 def _agreed(rank: int, world: int) -> dict:
