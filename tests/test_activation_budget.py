@@ -169,37 +169,33 @@ def test_one_rank_keeps_only_the_last_layer_gathered_and_several_fill_the_room(m
     there is; sharded over 2 with a whole GPU's room (a fraction) it keeps all 16; an explicit count is obeyed."""
     one = _plan(monkeypatch, 10 ** 12, 1)
     assert one.gathered == 1 and "one rank" in one.gathered_reason
-    assert "the loss over whole logits" in one.reason and 0 < len(one.layers) < 16  # eager (not compiled) layers
+    assert "logits" in one.reason and 0 < len(one.layers) < 16  # eager (not compiled) layers
     two = _plan(monkeypatch, 10 ** 12, 2, ac_memory_fraction=1.0)
-    assert two.gathered == 16 and two.layers == [] and "ac_memory_fraction 1.0 of the GPU" in two.reason
+    assert two.gathered == 16 and two.layers == [] and "ac_memory_fraction 1.0" in two.reason
     assert _plan(monkeypatch, 10 ** 12, 1, keep_gathered_layers=3).gathered == 3
 
 
 @pytest.mark.parametrize("budget, fsdp, expected", [
-    (10 ** 13, {}, "on for 2 of 2 decoder layers (auto: estimated peak"),  # the tiny vocabulary saves nothing
-    (10 ** 13, {"fsdp_config.ac_memory_fraction": 1.0}, "on for 0 of 2 decoder layers (auto: estimated peak"),
-    (1, {}, "on for 2 of 2 decoder layers (auto: estimated peak"),
+    (10 ** 13, {}, "2 of 2"),  # the tiny vocabulary saves nothing
+    (10 ** 13, {"fsdp_config.ac_memory_fraction": 1.0}, "0 of 2"),
+    (1, {}, "2 of 2"),
 ])
 def test_auto_choice_in_a_real_run(tiny_llama_dir, tmp_path, capsys, monkeypatch, budget, fsdp, expected):
     """A real single-process run with the GPU's budget faked: by default the tiny model (2,048-token vocabulary:
     its chunked loss saves nothing) is checkpointed as the conventional step is; a whole (ample) GPU's budget
-    checkpoints no layer; an impossible one every layer and says the estimate is over; the losses are those of
-    every layer checkpointed."""
-    from test_fsdp_support import step_losses
+    checkpoints no layer; an impossible one every layer and says the estimate is over. (That checkpointing changes
+    no loss: test_training.py in one process, test_fsdp.py and test_speed_levers.py on 2 ranks.)"""
+    from test_fsdp_support import ac_decision
 
     from shardtune.finetuning import main
 
     common = dict(model_name=str(tiny_llama_dir), max_train_step=2, save_model=False, context_length=128,
                   num_epochs=1, save_metrics=True)  # validation on and the CPU's precision, as users get them
-    main(output_dir=str(tmp_path / "all"), **{"fsdp_config.ac_every_n_layers": 1}, **common)
-    assert "activation checkpointing on for 2 of 2 decoder layers (--fsdp_config.ac_every_n_layers 1)" \
-        in capsys.readouterr().out
     monkeypatch.setattr(AB, "device_budget", lambda device, fraction: budget)
     main(output_dir=str(tmp_path / "auto"), **common, **fsdp)
-    out = capsys.readouterr().out
-    assert expected in out
-    assert ("OVER the budget" in out) == (budget == 1)
-    assert step_losses(tmp_path / "auto") == pytest.approx(step_losses(tmp_path / "all"), abs=1e-6)
+    auto = ac_decision(capsys.readouterr().out)
+    assert expected in auto and "auto" in auto and "estimated peak" in auto, auto
+    assert ("OVER" in auto) == (budget == 1), auto
 
 
 def _agreed(rank: int, world: int) -> dict:

@@ -107,7 +107,7 @@ def test_convert_rejects_a_folder_without_checkpoint(tmp_path, capsys):
     from shardtune.model_checkpointing.convert import main as convert_main
 
     assert convert_main(["--checkpoint", str(tmp_path), "--output", str(tmp_path / "o")]) == 2
-    assert "is not a complete checkpoint" in capsys.readouterr().err
+    assert str(tmp_path) in capsys.readouterr().err  # the folder, named in the one error line
 
 
 def test_inference_from_base_plus_adapter_and_converted_folder(tiny_llama_dir, tmp_path, capsys):
@@ -118,10 +118,12 @@ def test_inference_from_base_plus_adapter_and_converted_folder(tiny_llama_dir, t
 
     out = tmp_path / "out"
     run_ranks(2, base_kwargs(tiny_llama_dir, out, save_model=True, use_peft=True, lr=3e-2), tmp_path / "ranks")
+    prompt = "Give three tips for staying healthy."
     assert infer_main(["--model_name", str(tiny_llama_dir), "--peft_model", str(out / "model"), "--prompt",
-                       "Give three tips for staying healthy.", "--max_new_tokens", "8"]) == 0
-    printed = capsys.readouterr().out.strip()
-    assert printed
+                       prompt, "--max_new_tokens", "8"]) == 0
+    printed = capsys.readouterr().out
+    (completion,) = generate(*load_for_inference(str(tiny_llama_dir), str(out / "model")), [prompt], 8)
+    assert completion.strip() and completion.strip() in printed  # the adapter's own completion, printed
 
     model, tok = load_for_inference(str(tiny_llama_dir), str(out / "model"))
     merged_dir = tmp_path / "merged"

@@ -82,11 +82,12 @@ def test_cli_exit_code_2_and_nothing_written(tmp_path, capsys):
     rc = cli(["--lrr", "1e-4", "--output_dir", str(out)])
     err = capsys.readouterr().err
     assert rc == 2
-    assert err.strip().splitlines() == ["error: unknown flag --lrr; did you mean --lr? (see --help)"]
+    (line,) = err.strip().splitlines()
+    assert line.startswith("error: ") and "--lrr" in line and "--lr?" in line  # the flag, and the one meant
     assert not out.exists()
     # a missing model folder fails before anything is created either
     rc = cli(["--model_name", str(tmp_path / "no_such_model"), "--output_dir", str(out)])
-    assert rc == 2 and "folder not found" in capsys.readouterr().err and not out.exists()
+    assert rc == 2 and str(tmp_path / "no_such_model") in capsys.readouterr().err and not out.exists()
 
 
 def test_real_entry_point_prints_no_traceback(tmp_path):
@@ -129,8 +130,8 @@ def test_help_for_one_config_shows_its_whole_docs(capsys):
     assert "on one GPU and on CPU alike" in " ".join(text.split())  # the whole help text, wrapped
     assert cli(["--help=lora_config"]) == 0 and capsys.readouterr().out.startswith("lora_config: ")
     assert cli(["--help", "nope"]) == 2
-    assert capsys.readouterr().err.strip() == ("error: --help: no config 'nope'; configs: " + ", ".join(
-        RunConfigs().by_name()))
+    line = capsys.readouterr().err.strip()
+    assert line.startswith("error: --help") and "'nope'" in line and all(name in line for name in RunConfigs().by_name())
 
 
 def test_config_file_and_command_line_override(tmp_path):
@@ -174,10 +175,10 @@ def test_retired_reference_fields_warn_or_are_refused(capsys):
     lacks stops the run; left at their defaults (as in a saved run_config.yaml) both are silent."""
     run = parse_cli({"save_optimizer": True, "one_gpu": True})
     err = capsys.readouterr().err
-    assert "warning: --save_optimizer is deprecated and has no effect: every checkpoint already holds the " \
-           "optimizer state" in err
-    assert "warning: --one_gpu is deprecated and has no effect" in err and run.train.save_optimizer
-    with pytest.raises(ConfigError, match=r"^--freeze_LLM_only is not supported: shardtune fine-tunes text-only"):
+    warnings = [ln for ln in err.splitlines() if ln.startswith("warning: ")]
+    assert len(warnings) == 2 and all("deprecated" in w for w in warnings), err
+    assert "--save_optimizer" in warnings[0] and "--one_gpu" in warnings[1] and run.train.save_optimizer
+    with pytest.raises(ConfigError, match=r"^--freeze_LLM_only is not supported"):
         parse_cli({"freeze_LLM_only": True})
     parse_cli({"save_optimizer": False, "freeze_LLM_only": False})
     assert capsys.readouterr().err == ""

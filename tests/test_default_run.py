@@ -8,8 +8,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from conftest import HANG_TIMEOUT_S
 
+from shardtune.configs.paths import BUNDLED_MODEL_DIR
 from shardtune.observability.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parent.parent
@@ -23,8 +25,10 @@ def test_default_run_trains_bundled_model_offline(tmp_path):
                           capture_output=True, text=True, timeout=HANG_TIMEOUT_S)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = tmp_path / "output"
-    assert "embedded demo" in proc.stdout
-    assert "Training epoch 1/2" in proc.stderr  # the progress bar (tqdm writes to stderr)
+    saved = yaml.safe_load((out / "run_config.yaml").read_text())["train_config"]  # the demo's preset
+    assert Path(saved["model_name"]) == BUNDLED_MODEL_DIR and saved["dataset"] == "alpaca_dataset"
+    assert (saved["context_length"], saved["batch_size_training"], saved["num_epochs"]) == (512, 8, 2)
+    assert "Training epoch" in proc.stderr  # the progress bar (tqdm writes to stderr)
     summary = json.loads((out / "summary.json").read_text())
     (metrics,) = out.glob("metrics_*.jsonl")
     records = read_metrics(metrics)
@@ -33,4 +37,4 @@ def test_default_run_trains_bundled_model_offline(tmp_path):
     assert len(epochs) == 2 and epochs[1]["eval_loss"] < epochs[0]["eval_loss"]
     assert sum(steps[-10:]) / 10 < sum(steps[:10]) / 10 - 1.0, "the loss should fall visibly"
     assert summary["eval_loss"] == pytest.approx(epochs[1]["eval_loss"])
-    assert (out / "model" / "model.safetensors").is_file() and (out / "run_config.yaml").is_file()
+    assert (out / "model" / "model.safetensors").is_file() and len(list((out / "plots").glob("*.png"))) == 7

@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import resource
 import signal
 import subprocess
@@ -176,8 +175,8 @@ def test_a_stopped_rank_ends_the_job_and_is_named(tiny_llama_dir, tmp_path):
         if proc.poll() is None:
             proc.kill()
     errors = [ln for ln in log_of(out_dir).splitlines() if ln.startswith("error: [rank 0]")]
-    assert errors and re.fullmatch(rf"error: \[rank 0\] a collective timed out after {timeout} s \(--dist_timeout_s\): "
-                                   r"rank 1 stopped answering \(silent for \d+ s\)", errors[0]), errors
+    assert len(errors) == 1 and all(word in errors[0] for word in (f"{timeout} s", "--dist_timeout_s", "rank 1")), \
+        errors
     assert proc.returncode != 0
     assert took <= 1.2 * timeout + 10, f"the job ended {took:.0f} s after the rank stopped"
 
@@ -207,9 +206,8 @@ def test_save_under_a_file_size_limit(tiny_llama_dir, tmp_path):
     err = proc.stderr.replace("\r", "\n")
     errors = [ln for ln in err.splitlines() if ln.startswith("error: ")]
     assert proc.returncode == 1 and "Traceback" not in err
-    assert errors == [f"error: could not save the checkpoint of step 4 into {out_dir}/checkpoints/fine-tuned: a file "
-                      "exceeded the file-size limit (ulimit -f: 2.0 MB); the previous checkpoint and model are "
-                      "intact"], err[-3000:]
+    assert len(errors) == 1 and all(word in errors[0] for word in (
+        "step 4", f"{out_dir}/checkpoints/fine-tuned", "ulimit -f", "2.0 MB", "intact")), err[-3000:]
     assert (folder_digest(ckpt), folder_digest(model)) == before
     assert checkpoints(out_dir) == ["step_000002"]
     assert not [p for p in out_dir.rglob("*") if p.name.startswith(".tmp-")]
@@ -220,6 +218,6 @@ def test_low_free_space_warns_before_training(tmp_path, capsys):
 
     warn_if_low_disk(tmp_path, checkpoint_bytes=2**60, copies=3, export_bytes=2**20)
     err = capsys.readouterr().err
-    assert err.startswith(f"warning: {tmp_path} has ") and "lower --keep_last_n_checkpoints" in err
+    assert err.startswith(f"warning: {tmp_path} ") and err.count("\n") == 1 and "--keep_last_n_checkpoints" in err
     warn_if_low_disk(tmp_path, checkpoint_bytes=1, copies=3, export_bytes=1)
     assert capsys.readouterr().err == ""

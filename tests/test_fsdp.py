@@ -9,7 +9,7 @@ import re
 
 import pytest
 import torch
-from test_fsdp_support import base_kwargs, run_ranks, step_losses
+from test_fsdp_support import ac_decision, base_kwargs, log_line, run_ranks, step_losses
 
 from shardtune.configs.parse import parse_cli
 from shardtune.errors import ConfigError
@@ -68,7 +68,7 @@ def test_hsdp_size_mismatch_stops_the_launcher(tiny_llama_dir, tmp_path):
     kwargs["replica_group_size"] = 2  # 2 x 2 != 2 processes
     results = run_ranks(2, kwargs, tmp_path / "ranks", expect_error=True)
     for r in results:
-        assert r["error"].startswith("ConfigError: --fsdp_config.hsdp: sharding_group_size 2 x replica_group_size 2")
+        assert r["error"].startswith("ConfigError: --fsdp_config.hsdp") and "2 x replica_group_size 2" in r["error"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -82,16 +82,14 @@ def test_every_sharding_strategy_gives_the_same_losses(tiny_llama_dir, tmp_path)
         out = tmp_path / name
         results = run_ranks(2, base_kwargs(tiny_llama_dir, out, **flags), tmp_path / f"{name}-ranks")
         curves[name] = step_losses(out)
-        log = results[0]["log"]
-        assert "--> FSDP2 " in log
+        fsdp = log_line(results[0]["log"], "--> FSDP2")  # the mesh: (replicas, shard group) and where it came from
         if name.startswith("HSDP"):
             s, r = flags["sharding_group_size"], flags["replica_group_size"]
-            assert f"mesh ({r}, {s}) ['replicate', 'shard']" in log
-            assert "explicit mesh from --sharding_group_size" in log
+            assert f"({r}, {s})" in fsdp and "--sharding_group_size" in fsdp, fsdp
         if name == "HYBRID_SHARD_node_mesh":
-            assert "mesh (1, 2) ['replicate', 'shard']" in log and "LOCAL_WORLD_SIZE=2" in log
+            assert "(1, 2)" in fsdp and "LOCAL_WORLD_SIZE=2" in fsdp, fsdp
         if name == "NO_SHARD":
-            assert "mesh (2, 1)" in log
+            assert "(2, 1)" in fsdp, fsdp
     base = curves.pop("FULL_SHARD")
     assert len(base) == 3
     for name, curve in curves.items():
@@ -203,19 +201,16 @@ def test_mixed_precision_modes(tiny_llama_dir, tmp_path):
         assert len(curve) == 3 and all(c == c for c in curve), name
         assert curve == pytest.approx(ref, abs=0.02), name
         assert curve != ref, f"{name}: identical to fp32, low precision was not applied"
-        log = results[0]["log"]
-        assert f"precision {name}" in log
-        expected = {"bf16_mixed": "params bfloat16, gradient reduction float32",
-                    "fp16_mixed": "params float16, gradient reduction float32",
-                    "bf16_pure": "params as stored"}[name]
-        assert expected in log, name
+        fsdp = log_line(results[0]["log"], "--> FSDP2")  # the dtypes of the parameters and of the reduction
+        param_dtype = {"bf16_mixed": "bfloat16", "fp16_mixed": "float16", "bf16_pure": "as stored"}[name]
+        assert re.search(rf"\b{param_dtype}\b", fsdp) and ("float32" in fsdp) == (name != "bf16_pure"), fsdp
 
 
 def test_activation_checkpointing_is_exact(tiny_llama_dir, tmp_path):
     run_ranks(2, base_kwargs(tiny_llama_dir, tmp_path / "plain", **{"fsdp_config.fsdp_activation_checkpointing": False}),
               tmp_path / "plain-ranks")
     results = run_ranks(2, base_kwargs(tiny_llama_dir, tmp_path / "ac"), tmp_path / "ac-ranks")  # the default
-    assert "activation checkpointing on for 2 of 2 decoder layers" in results[0]["log"]
+    assert "2 of 2" in ac_decision(results[0]["log"])
     assert step_losses(tmp_path / "ac") == pytest.approx(step_losses(tmp_path / "plain"), abs=1e-6)
 
 
@@ -259,10 +254,8 @@ def test_low_cpu_fsdp_gives_the_same_run(peft, tiny_llama_dir, tmp_path):
     results = run_ranks(2, base_kwargs(tiny_llama_dir, tmp_path / "low", low_cpu_fsdp=True, **flags),
                         tmp_path / "low-ranks")
     assert step_losses(tmp_path / "low") == pytest.approx(step_losses(tmp_path / "normal"), abs=1e-6)
-    assert "weights read from disk" in results[0]["log"]
-    assert "weights received from rank 0" in results[1]["log"]
-    for r in results:
-        assert re.search(r"low_cpu_fsdp: .* peak host RSS so far \d+ MB", r["log"])
+    lines = [log_line(r["log"], "--> low_cpu_fsdp") for r in results]
+    assert "disk" in lines[0] and "rank 0" in lines[1] and all(re.search(r"\d+ MB", ln) for ln in lines), lines
 
 
 def test_low_cpu_fsdp_when_the_tokenizer_outgrows_the_embedding(tiny_llama_dir, tmp_path):
@@ -280,7 +273,7 @@ def test_low_cpu_fsdp_when_the_tokenizer_outgrows_the_embedding(tiny_llama_dir, 
     AutoModelForCausalLM.from_config(cfg).save_pretrained(small)
     run_ranks(2, base_kwargs(small, tmp_path / "normal"), tmp_path / "normal-ranks")
     results = run_ranks(2, base_kwargs(small, tmp_path / "low", low_cpu_fsdp=True), tmp_path / "low-ranks")
-    assert "resizing the embedding" in results[0]["log"]
+    assert "resizing" in log_line(results[0]["log"], "embedding has")
     assert step_losses(tmp_path / "low") == pytest.approx(step_losses(tmp_path / "normal"), abs=1e-6)
 
 

@@ -147,6 +147,30 @@ def step_losses(out_dir) -> List[float]:
     return [r["loss"] for r in records]
 
 
+def first_trained_step(out_dir) -> int:
+    """The first step the run that wrote summary.json trained (its own metrics file): step 1 for a fresh run,
+    the checkpoint's step + 1 for a resumed one."""
+    from shardtune.observability.metrics import read_metrics
+
+    summary = json.loads((Path(out_dir) / "summary.json").read_text())
+    return min(r["step"] for r in read_metrics(summary["metrics_file"], "train_step"))
+
+
+def log_line(text: str, key: str) -> str:
+    """The one line of a run's output that holds ``key`` (a key word such as "activation checkpointing"), for
+    tests that check a logged decision by its numbers and key words rather than by its wording."""
+    lines = [ln for ln in text.splitlines() if key in ln]
+    assert len(lines) == 1, f"{len(lines)} lines hold {key!r}:\n" + "\n".join(lines or text.splitlines()[-30:])
+    return lines[0]
+
+
+def ac_decision(log: str) -> str:
+    """What a run logged about activation checkpointing: "off", or "on for 2 of 2 decoder layers (why)". Its own
+    line in a single process; a clause of the "--> FSDP2" line under FSDP."""
+    line = log_line(log, "activation checkpointing")
+    return line.split("activation checkpointing", 1)[1].split(";")[0].strip()
+
+
 def _fn_worker(local_rank: int, world: int, port: int, fn, result_dir: str) -> None:
     import torch.distributed as dist
 

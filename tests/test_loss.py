@@ -74,6 +74,20 @@ def _hf_and_ours(model, batch):
     return hf, ours, hf_grads, our_grads
 
 
+def _takes_hidden_path(model, batch) -> bool:
+    """Whether the wrapper hands hidden states to its loss_fn (the hidden-state path) or computes the loss from
+    the model's full logits (the loss_fn is then never called)."""
+    calls = []
+
+    def recording_loss(hidden, head, labels):
+        calls.append(hidden.shape)
+        return linear_cross_entropy_sum(hidden, head, labels)
+
+    with torch.no_grad():
+        CausalLMWithLoss(model, loss_fn=recording_loss)(**batch)
+    return len(calls) == 1
+
+
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma2_softcapped"])
 def test_loss_sum_equals_hf_mean_loss_times_tokens(arch, padded_batch, tiny_llama_dir, tiny_gpt2_dir, tok):
     from transformers import AutoModelForCausalLM
@@ -83,8 +97,7 @@ def test_loss_sum_equals_hf_mean_loss_times_tokens(arch, padded_batch, tiny_llam
     else:
         model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir if arch == "llama" else tiny_gpt2_dir,
                                                      dtype=torch.float32)
-    wrapped = CausalLMWithLoss(model)
-    assert wrapped._hidden_path is (arch != "gemma2_softcapped")  # soft-capped heads need the full logits
+    assert _takes_hidden_path(model, padded_batch) is (arch != "gemma2_softcapped")  # soft-capped: full logits
     hf, ours, hf_grads, our_grads = _hf_and_ours(model, padded_batch)
 
     supervised = int((padded_batch["labels"][:, 1:] != IGNORE_INDEX).sum())
@@ -116,7 +129,7 @@ def test_prefix_tuning_takes_the_full_forward_and_matches_peft(padded_batch, tin
         for p in model.parameters():
             if p.requires_grad:
                 p.normal_(0, 1.0)
-    assert CausalLMWithLoss(model)._hidden_path is False
+    assert _takes_hidden_path(model, padded_batch) is False
     hf, ours, hf_grads, our_grads = _hf_and_ours(model, padded_batch)
     n = int(ours.num_tokens)
     assert ours.loss_sum.item() == pytest.approx(hf.item() * n, rel=1e-5)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_fsdp_support import log_line
 
 from shardtune.observability.metrics import format_step_line, read_metrics
 
@@ -171,17 +172,17 @@ def test_flop_counter_observer_windows_and_fallback(capsys):
         counter.on_step_end(SimpleNamespace(step=step + 1), {"step": step + 1, "model_flops": 2 * 64 * 32 * 16})
     assert counter.result["step"] == 2 and counter.result["timed_step"] == 3
     assert counter.result["measured_flops"] == 2 * 64 * 32 * 16 and counter.result["ratio"] == 1.0
-    assert "step 3 (run without the counter)" in capsys.readouterr().out
 
     short = FlopCounter(start=0, device=torch.device("cpu"))
     short.on_step_start(SimpleNamespace(step=0))
     a @ b
     short.on_step_end(SimpleNamespace(step=1), {"step": 1})
     short.close()
-    assert short.result["timed_step"] is None and "timed under the counter" in capsys.readouterr().out
+    assert short.result["timed_step"] is None
     never = FlopCounter(start=5, device=torch.device("cpu"))
     never.close()
-    assert never.result is None and "nothing was counted" in capsys.readouterr().err
+    (warning,) = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("warning: ")]
+    assert never.result is None and "--flop_counter" in warning, warning
 
 
 # ---------------------------------------------------------------------------------------------
@@ -245,14 +246,11 @@ def test_log_line_every_n_steps(metrics_run):
     assert len(steps) == metrics_run["summary"]["steps"] // 2
     for field in ("epoch ", "loss ", "lr ", "grad_norm ", "tok/s/gpu ", "TFLOP/s/gpu ", "MFU ", "peak_mem "):
         assert all(f"| {field}" in ln for ln in lines), field
-    assert "--> memory (epoch 1): host peak RSS" in metrics_run["stdout"]
-    assert "--> memory (whole run)" in metrics_run["stdout"]
 
 
 def test_flop_counter_run_reports(metrics_run):
     out = metrics_run["stdout"]
-    assert "--> FLOP counter: step 3 = " in out and "step 4 (run without the counter) took" in out
-    assert "TFLOP/s per GPU, MFU" in out and "measured / analytic" in out
+    assert "step 3" in log_line(out, "--> FLOP counter") and "MFU" in log_line(out, "--> FLOP counter")
     fc = metrics_run["summary"]["flop_counter"]
     assert fc["step"] == 3 and fc["timed_step"] == 4 and fc["measured_flops"] > 0
     assert fc["mfu"] == pytest.approx(fc["tflops_per_gpu"] / 0.5)
@@ -267,10 +265,10 @@ def test_metrics_file_records(metrics_run):
     assert len(steps) == metrics_run["summary"]["steps"] and len(epochs) == 2
     for key in ("loss", "perplexity", "lr", "grad_norm", "tokens_per_s", "tflops", "mfu", "peak_mem_gb"):
         assert all(isinstance(r[key], float) for r in steps), key
-    assert all(r["input_tokens"] in (128, 2 * 128) for r in steps)  # packed blocks: batch x context_length
+    assert {r["input_tokens"] for r in steps} == {2 * 128}  # packed: batch x context
     # Launch to the first step, in the first step's record and the log (the process's age at that step).
     assert 0 < steps[0]["since_launch_s"] < 3600 and all("since_launch_s" not in r for r in steps[1:])
-    assert f"--> first step done {steps[0]['since_launch_s']:.0f} s after launch" in metrics_run["stdout"]
+    assert f"{steps[0]['since_launch_s']:.0f} s" in log_line(metrics_run["stdout"], "--> first step")
     for key in ("train_loss", "train_perplexity", "eval_loss", "eval_perplexity", "step", "host_peak_rss_gb"):
         assert all(key in r for r in epochs), key
     assert epochs[-1]["step"] == steps[-1]["step"]

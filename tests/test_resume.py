@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from test_fsdp_support import base_kwargs, run_ranks, step_losses
+from test_fsdp_support import base_kwargs, first_trained_step, log_line, run_ranks, step_losses
 
 from shardtune.configs.parse import parse_cli
 from shardtune.errors import ConfigError
@@ -22,9 +22,8 @@ def _interrupted_vs_uninterrupted(tmp_path, model_dir, world, stop_at, total, re
     run_ranks(world, {**b, **(saving or {})}, tmp_path / "rb1")
     resume = resume_from if resume_from == "auto" else str(tmp_path / "B" / "checkpoints" / "fine-tuned" /
                                                              resume_from)
-    results = run_ranks(world, {**b, "max_train_step": total, "save_every_n_steps": 0, "resume_from": resume},
-                        tmp_path / "rb2")
-    assert "--> resuming from" in results[0]["log"]
+    run_ranks(world, {**b, "max_train_step": total, "save_every_n_steps": 0, "resume_from": resume}, tmp_path / "rb2")
+    assert first_trained_step(tmp_path / "B") == stop_at + 1  # resumed, not retrained from step 1
     a, b = step_losses(tmp_path / "A"), step_losses(tmp_path / "B")
     assert len(a) == total
     return a, b
@@ -103,7 +102,6 @@ def test_a_finished_run_resumed_does_nothing_and_says_so(tiny_llama_dir, tmp_pat
     before, mtime = adapter.read_bytes(), adapter.stat().st_mtime_ns
     results = run_ranks(2, base_kwargs(tiny_llama_dir, tmp_path / "out", resume_from="auto", **flags),
                         tmp_path / "r2")
-    assert "had already finished (step 3" in results[0]["log"]
     assert results[0]["summary"] == {"steps": 3, "already_finished": True}
     assert len(step_losses(tmp_path / "out")) == 3  # no extra step
     assert adapter.read_bytes() == before and adapter.stat().st_mtime_ns == mtime  # not re-exported
@@ -151,11 +149,7 @@ def test_a_killed_run_resumed_ends_with_the_uninterrupted_result(point, world, t
     monkeypatch.undo()
     out = tmp_path / "B"
     assert not (out / "model").exists()
-    results = run_ranks(world, base_kwargs(tiny_llama_dir, out, resume_from="auto", **flags), tmp_path / "rb2")
-    log = results[0]["log"]
-    assert "left by an interrupted save" in log
-    if point == "during_the_final_export":
-        assert "the export of step 3 did not finish" in log
+    run_ranks(world, base_kwargs(tiny_llama_dir, out, resume_from="auto", **flags), tmp_path / "rb2")
     leftovers = [p for d in (out, _ckpt_root(out)) for p in d.iterdir() if p.name.startswith(".tmp")]
     assert leftovers == []
     a = (tmp_path / "A" / "model" / "adapter_model.safetensors").read_bytes()
@@ -219,7 +213,7 @@ def test_resume_from_corrupted_bytes_falls_back_and_continues_exactly(tiny_llama
     shard.write_bytes(bytes(data))
     results = run_ranks(1, base_kwargs(tiny_llama_dir, out, enable_fsdp=False, max_train_step=4, resume_from="auto"),
                         tmp_path / "r")
-    assert "skipping damaged checkpoint" in results[0]["log"] and "__0_0.distcp" in results[0]["log"]
+    assert "step_000003" in log_line(results[0]["log"], "__0_0.distcp")  # one warning names the damaged file
     losses = step_losses(out)  # steps 1-3 of the first run, then 3 (again) and 4
     assert len(losses) == 5 and losses[3] == losses[2]
 

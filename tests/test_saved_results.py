@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import HANG_TIMEOUT_S
-from test_fsdp_support import base_kwargs, run_ranks
+from test_fsdp_support import ac_decision, base_kwargs, first_trained_step, log_line, run_ranks
 
 IDS = torch.tensor([[1, 17, 42, 99, 7, 300, 5, 64, 12, 250]])
 CONFIGS = list(itertools.product([1, 2], [True, False], ["SHARDED_STATE_DICT", "FULL_STATE_DICT"]))
@@ -77,7 +77,8 @@ def test_every_adapter_saved_is_the_trained_one(method, tiny_llama_dir, tmp_path
     for world, ac, ckpt in CONFIGS:
         name = _config_id(world, ac, ckpt)
         results = _train(tiny_llama_dir, tmp_path / name, world, ac, ckpt, **flags)
-        assert f"activation checkpointing {'on for 2 of 2 decoder layers' if ac else 'off'}" in results[0]["log"], name
+        ac_line = ac_decision(results[0]["log"])
+        assert ("2 of 2" in ac_line) if ac else ac_line == "off", (name, ac_line)
         exported[name] = _logits(PeftModel.from_pretrained(_base(tiny_llama_dir), tmp_path / name / "model"))
         if ckpt == "FULL_STATE_DICT":  # the checkpoint's own adapter folder loads the same way
             inner = tmp_path / name / "checkpoints" / "fine-tuned" / "step_000003" / "model"
@@ -208,7 +209,7 @@ def test_a_folder_in_use_is_refused_and_a_dead_runs_lock_is_taken_over(tiny_llam
         assert holder.stdout.readline().strip() == "locked"
         results = run_ranks(2, base_kwargs(tiny_llama_dir, out), tmp_path / "r1", expect_error=True)
         for r in results:
-            assert "is in use by another running shardtune run" in r["error"]
+            assert "--output_dir" in r["error"] and str(out) in r["error"] and "in use" in r["error"], r["error"]
     finally:
         holder.kill()  # SIGKILL: the run dies without releasing anything
         holder.wait()
@@ -222,11 +223,8 @@ def test_a_new_run_never_mixes_with_an_earlier_runs_results(tiny_llama_dir, tmp_
     run_ranks(2, base_kwargs(tiny_llama_dir, out, **flags), tmp_path / "r1")
     first_id = json.loads((out / "run.json").read_text())["run_id"]
     results = run_ranks(2, base_kwargs(tiny_llama_dir, out, **flags), tmp_path / "r2", expect_error=True)
-    assert all("holds the results of an earlier run" in r["error"] and "--overwrite_output_dir" in r["error"]
-               for r in results)
-    results = run_ranks(2, base_kwargs(tiny_llama_dir, out, overwrite_output_dir=True, max_train_step=2, **flags),
-                        tmp_path / "r3")
-    assert "--overwrite_output_dir: removing" in results[0]["log"]
+    assert all("earlier run" in r["error"] and "--overwrite_output_dir" in r["error"] for r in results)
+    run_ranks(2, base_kwargs(tiny_llama_dir, out, overwrite_output_dir=True, max_train_step=2, **flags), tmp_path / "r3")
     root = out / "checkpoints" / "fine-tuned"
     states = [json.loads((p / "state.json").read_text()) for p in sorted(root.iterdir())]
     assert [s["train_state"]["step"] for s in states] == [1, 2]  # the old step 3 is gone, not resumed from
@@ -241,15 +239,15 @@ def test_auto_only_resumes_the_runs_own_checkpoints(tiny_llama_dir, tmp_path):
     run_ranks(2, a, tmp_path / "ra")
     b = {**a, "output_dir": str(tmp_path / "B"), "max_train_step": 3}
     refused = run_ranks(2, b, tmp_path / "rb", expect_error=True)  # the same checkpoint folder: names would clash
-    assert "holds the results of an earlier run" in refused[0]["error"]
+    assert "earlier run" in refused[0]["error"] and "--overwrite_output_dir" in refused[0]["error"]
     b["dist_checkpoint_folder"] = "other"
     run_ranks(2, b, tmp_path / "rb2")  # B's own folder under the shared root
     import shutil
 
     shutil.copytree(shared / "other" / "step_000003", shared / "fine-tuned" / "step_000003")  # B's, newer than A's
     results = run_ranks(2, {**a, "max_train_step": 4, "resume_from": "auto"}, tmp_path / "ra2")
-    log = results[0]["log"]
-    assert "ignoring 1 checkpoint(s)" in log and "resuming from" in log and "step_000002 (step 2" in log
+    assert "1 checkpoint" in log_line(results[0]["log"], "ignoring")  # B's step 3, of another run
+    assert first_trained_step(tmp_path / "A") == 3  # A's own step 2 resumed
 
 
 # ---------------------------------------------------------------------------------------------
@@ -259,7 +257,7 @@ def test_divergence_stops_the_run_without_saving(tiny_llama_dir, tmp_path):
     results = run_ranks(2, base_kwargs(tiny_llama_dir, tmp_path / "out", lr=1e30, max_train_step=6, save_model=True,
                                        save_every_n_steps=1), tmp_path / "r", expect_error=True)
     for r in results:
-        assert r["error"].startswith("TrainingDiverged: training diverged at step ") and "not finite" in r["error"]
+        assert r["error"].startswith("TrainingDiverged") and "not finite" in r["error"]
     assert not (tmp_path / "out" / "model").exists()
     import torch.distributed.checkpoint as dcp
     from safetensors import safe_open  # noqa: F401 - every checkpoint written is finite
@@ -274,8 +272,8 @@ def test_divergence_stops_the_run_without_saving(tiny_llama_dir, tmp_path):
 def test_nonfinite_steps_can_be_skipped_up_to_a_limit(tiny_llama_dir, tmp_path):
     results = run_ranks(1, base_kwargs(tiny_llama_dir, tmp_path / "out", enable_fsdp=False, lr=1e30, max_train_step=8,
                                        max_nonfinite_steps=2), tmp_path / "r", expect_error=True)
-    log = results[0]["log"]
-    assert "step skipped (1 of at most 2" in log and "step skipped (2 of at most 2" in log
+    skipped = [ln for ln in results[0]["log"].splitlines() if "--max_nonfinite_steps" in ln]
+    assert len(skipped) == 2 and all(f"{i} of at most 2" in ln for i, ln in enumerate(skipped, 1)), skipped
     assert results[0]["error"].startswith("TrainingDiverged")
 
 
@@ -290,7 +288,7 @@ def test_the_cli_reports_divergence_in_one_line_with_a_failing_status(tiny_llama
                            "--num_workers_dataloader", "0"], capture_output=True, text=True, timeout=HANG_TIMEOUT_S)
     assert proc.returncode == 1
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "training diverged at step" in errors[0] and "Traceback" not in proc.stderr
+    assert len(errors) == 1 and "diverged" in errors[0] and "Traceback" not in proc.stderr
     assert not (tmp_path / "out" / "model").exists()
 
 

@@ -7,6 +7,7 @@ import os
 
 import pytest
 import torch
+from test_fsdp_support import ac_decision
 from torch import nn
 
 from shardtune.configs.parse import parse_cli, resolve_compile
@@ -37,7 +38,6 @@ def test_attention_auto_choice(capsys):
     from transformers import GPT2Config, LlamaConfig
 
     assert pick_attention("auto", False, CUDA, LlamaConfig()) == "flex_attention"
-    assert "--> attention: flex_attention (CUDA:" in capsys.readouterr().out
     assert pick_attention("auto", False, CPU, LlamaConfig()) == "sdpa"
     assert pick_attention("auto", False, CUDA, LlamaConfig(), packing=False) == "sdpa"
     assert pick_attention("auto", False, CUDA, LlamaConfig(), prompt_learning=True) == "sdpa"
@@ -68,7 +68,8 @@ def test_allocator_setting_respects_the_user(monkeypatch):
 
     assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == ALLOCATOR_SETTING
     monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "backend:cudaMallocAsync")
-    assert configure_cuda_allocator() == "CUDA allocator: PYTORCH_CUDA_ALLOC_CONF=backend:cudaMallocAsync (yours)"
+    assert "backend:cudaMallocAsync" in configure_cuda_allocator()  # the user's setting, reported
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "backend:cudaMallocAsync"  # and kept
 
 
 def test_unit_placer_keeps_trainable_masters_and_stores_frozen_weights_in_the_compute_dtype():
@@ -137,7 +138,8 @@ def test_ac_every_n_layers_checkpoints_a_subset_with_unchanged_losses(tiny_llama
     run_ranks(2, base_kwargs(tiny_llama_dir, tmp_path / "all", **ac), tmp_path / "r_all")
     half = run_ranks(2, base_kwargs(tiny_llama_dir, tmp_path / "half", **ac, **{"fsdp_config.ac_every_n_layers": 2}),
                      tmp_path / "r_half")
-    assert "activation checkpointing on for 1 of 2 decoder layers (--fsdp_config.ac_every_n_layers 2)" in half[0]["log"]
+    ac_line = ac_decision(half[0]["log"])
+    assert "1 of 2" in ac_line and "--fsdp_config.ac_every_n_layers 2" in ac_line, ac_line
     assert step_losses(tmp_path / "half") == pytest.approx(step_losses(tmp_path / "all"), abs=1e-6)
 
 
