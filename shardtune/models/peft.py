@@ -37,6 +37,10 @@ def build_peft_config(run: RunConfigs, model):
     raise ConfigError(f"--peft_method: unknown method {method!r}")
 
 
+# The layer classes LoRA wraps as linear layers (peft: torch's Linear, transformers' Conv1D of GPT-2 and others).
+LORA_LINEAR_CLASSES = ("Linear", "Conv1D")
+
+
 def check_lora_targets(targets, model) -> None:
     """Every --lora_config.target_modules name is a module of ``model`` (which may live on the meta device)."""
     if targets == ["all-linear"]:
@@ -44,8 +48,8 @@ def check_lora_targets(targets, model) -> None:
     names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
     missing = [t for t in targets if t not in names]
     if missing:
-        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
-                         if type(m).__name__ == "Linear" and "lm_head" not in n})
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()  # GPT-2's are Conv1D
+                         if type(m).__name__ in LORA_LINEAR_CLASSES and "lm_head" not in n})
         raise ConfigError(f"--lora_config.target_modules: {', '.join(missing)} not in this model; its linear "
                           f"layers are: {', '.join(linear)} (or 'all-linear')")
 
