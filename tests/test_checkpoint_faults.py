@@ -44,7 +44,8 @@ FILES = {  # every file of each source's checkpoint (checked against the real fo
                        "state.json"],
     "single_full_lora": ["manifest.json", "model/adapter_config.json", "model/adapter_model.safetensors",
                          "model/chat_template.jinja", "model/tokenizer.json", "model/tokenizer_config.json",
-                         "optimizer.pt", "rng/rank_00000.pt", "run_config.yaml", "state.json"],
+                         "optimizer.json", "optimizer.safetensors", "rng/rank_00000.pt", "run_config.yaml",
+                         "state.json"],
 }
 MATRIX = [(source, name) for source in SOURCES for name in FILES[source]]
 

@@ -155,8 +155,12 @@ def record_loaded_optimizer(monkeypatch):
 
 
 def _saved_first_moments(ckpt: Path, tmp_path: Path) -> dict:
-    if (ckpt / "optimizer.pt").is_file():  # FULL_STATE_DICT
-        state = torch.load(ckpt / "optimizer.pt", weights_only=True)["state"]
+    if (ckpt / "optimizer.json").is_file():  # FULL_STATE_DICT: by parameter name, relative to the training's lm
+        from safetensors import safe_open
+
+        saved = json.loads((ckpt / "optimizer.json").read_text())["state"]
+        with safe_open(str(ckpt / "optimizer.safetensors"), framework="pt") as fh:
+            return {f"lm.{name}": fh.get_tensor(entries["exp_avg"]["tensor"]) for name, entries in saved.items()}
     else:
         from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 

@@ -11,7 +11,9 @@ Layout (never built from the model name)::
             SHARDED_STATE_DICT:  trainable weights + optimizer via torch.distributed.checkpoint
                                  (.metadata, __<rank>_0.distcp): each rank writes its own shards
             FULL_STATE_DICT:     model/ a Hugging Face folder (or a PEFT adapter folder) in the
-                                 training dtype, and optimizer.pt, both gathered on rank 0
+                                 training dtype, and the optimizer state: optimizer*.safetensors +
+                                 optimizer.json (optimizer_state.py); both gathered tensor by tensor and
+                                 written by rank 0 (older checkpoints: optimizer.pt)
             manifest.json            size and CRC-32 of every other file; written last (integrity.py)
         best.json                    which checkpoint had the best eval loss (never pruned)
 """

@@ -3,7 +3,8 @@
 SHARDED_STATE_DICT: torch.distributed.checkpoint (DCP) writes every rank's shards of the trainable weights
 and of the optimizer state in parallel; nothing is gathered. FULL_STATE_DICT: the weights are written as a
 Hugging Face (or PEFT adapter) folder in the training dtype, gathered and written one shard at a time
-(export.py); the optimizer state is gathered on rank 0 and written as ``optimizer.pt``. Frozen parameters (a
+(export.py); so is the optimizer state, as safetensors shards plus ``optimizer.json`` (optimizer_state.py). Frozen
+parameters (a
 PEFT run's base model, --freeze_layers) are not stored in sharded checkpoints; they come from --model_name again
 on resume, exactly as at the start of the run.
 """
@@ -19,12 +20,13 @@ import torch
 from torch import nn
 
 from shardtune.errors import SaveError
+from shardtune.model_checkpointing import optimizer_state
 from shardtune.model_checkpointing.async_save import BackgroundWrite, BackgroundWriter
 from shardtune.model_checkpointing.export import canonical_name, export_pretrained, is_peft_model
+from shardtune.model_checkpointing.streaming import MAX_SHARD_SIZE
 from shardtune.utils import distributed
 from shardtune.utils.distributed import DistInfo
 
-OPTIMIZER_FILE = "optimizer.pt"
 MODEL_DIR = "model"  # FULL_STATE_DICT: the checkpoint's Hugging Face / adapter folder
 
 
@@ -108,12 +110,11 @@ class ModelState:
             named = {canonical_name(k): v for k, v in model.state_dict(keep_vars=True).items()}
         return strip_prefix(named)
 
-    def _optimizer_state(self, full: bool) -> dict:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+    def _optimizer_state(self) -> dict:
+        """The optimizer's state dict as DCP stores it: each rank's shards (never gathered)."""
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
-        options = StateDictOptions(full_state_dict=True, cpu_offload=self.info.distributed) if full \
-            else StateDictOptions()
-        return get_optimizer_state_dict(self.parts.model, self.parts.optimizer, options=options)
+        return get_optimizer_state_dict(self.parts.model, self.parts.optimizer)
 
     # ---- SHARDED_STATE_DICT ---------------------------------------------------------------
     def save_sharded(self, folder: Path, background: Optional[BackgroundWriter] = None) -> Optional[BackgroundWrite]:
@@ -122,7 +123,7 @@ class ModelState:
         has ended everywhere."""
         import torch.distributed.checkpoint as dcp
 
-        state_dict = {"model": self.model_state(full=False), "optim": self._optimizer_state(full=False)}
+        state_dict = {"model": self.model_state(full=False), "optim": self._optimizer_state()}
         if background is not None:
             return background.start(state_dict, folder)
         with quiet_single_process():
@@ -150,7 +151,7 @@ class ModelState:
 
         msd = self.model_state(full=False)
         expected = set(msd)
-        target = {"model": msd, "optim": self._optimizer_state(full=False)}
+        target = {"model": msd, "optim": self._optimizer_state()}
         with quiet_single_process():
             dcp.load(target, checkpoint_id=str(folder), no_dist=not distributed.group_up())
         result = set_state_dict(self.parts.model, self.parts.optimizer, model_state_dict=target["model"],
@@ -161,17 +162,28 @@ class ModelState:
             raise RuntimeError(f"checkpoint {folder} lacks trainable weights: {sorted(missing)[:3]}...")
 
     # ---- FULL_STATE_DICT ------------------------------------------------------------------
-    def save_full(self, folder: Path, tokenizer) -> None:
-        # The weights stream (collective, training dtype: exact); the optimizer state is gathered only after.
-        export_pretrained(self.parts.lm, tokenizer, folder / MODEL_DIR, state_dict=self.export_tensors())
-        osd = self._optimizer_state(full=True)
-        distributed.on_rank0(lambda: torch.save(osd, folder / OPTIMIZER_FILE), "write the checkpoint")
+    def save_full(self, folder: Path, tokenizer, max_shard_size=MAX_SHARD_SIZE) -> None:
+        """The weights, then the optimizer state, each streamed shard by shard into ``folder`` (the checkpoint's
+        temporary folder, so that its manifest covers them) and read back as written. Collective."""
+        export_pretrained(self.parts.lm, tokenizer, folder / MODEL_DIR, state_dict=self.export_tensors(),
+                          max_shard_size=max_shard_size)  # the training dtype: exact
+        optimizer_state.save(self.parts.model, self.parts.optimizer, folder if self.info.is_main else None,
+                             max_shard_size=max_shard_size)
 
     def load_full_optimizer(self, folder: Path) -> None:
-        """The optimizer state (the weights came in through --model_name / the adapter folder)."""
+        """The optimizer state (the weights came in through --model_name / the adapter folder). Collective."""
+        if optimizer_state.is_legacy(folder):
+            self._load_legacy_optimizer(folder)
+        else:
+            optimizer_state.load(self.parts.model, self.parts.optimizer, folder, self.info.device)
+
+    def _load_legacy_optimizer(self, folder: Path) -> None:
+        """``optimizer.pt``, the whole state gathered by rank 0 (checkpoints written before optimizer_state.py):
+        rank 0 loads it whole and broadcasts it, as it was written."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-        osd = torch.load(folder / OPTIMIZER_FILE, weights_only=True) if self.info.is_main else {}
+        path = folder / optimizer_state.LEGACY_FILE
+        osd = torch.load(path, weights_only=True) if self.info.is_main else {}
         sharded = self.info.world_size > 1
         set_optimizer_state_dict(self.parts.model, self.parts.optimizer, osd,
                                  options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=sharded))
