@@ -125,3 +125,24 @@ def test_resume_from_a_background_checkpoint_is_exact(tiny_llama_dir, tmp_path):
     a, b = _interrupted_vs_uninterrupted(tmp_path, tiny_llama_dir, 2, 3, 6)
     assert b == a  # exactly
     assert [m.group(1) for m in SIZE_LINE.finditer((tmp_path / "rb1" / "rank0.log").read_text())] == ["3"]
+
+
+def test_the_background_writer_reads_each_written_file_once(tmp_path, monkeypatch):
+    """DCP reports one result per tensor and puts many tensors in one file: the checksum of each file is taken once
+    (taking it per tensor made a 1.5 GB checkpoint take 340 s instead of 8)."""
+    import torch
+
+    from shardtune.model_checkpointing import async_save
+
+    reads = []
+    real = async_save.file_digest
+    monkeypatch.setattr(async_save, "file_digest", lambda path: reads.append(path.name) or real(path))
+    writer = async_save.BackgroundWriter(torch.device("cpu"), 600)
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    write = writer.start({f"t{i}": torch.full((64,), float(i)) for i in range(40)}, folder)
+    write.future.result()
+    writer.close()
+    data_files = sorted(p.name for p in folder.glob("*.distcp"))
+    assert data_files and sorted(reads) == data_files  # each once
+    assert set(write.digests) == set(data_files)

@@ -71,9 +71,10 @@ class _DigestingWriter(dcp.FileSystemWriter):
     def write_data(self, plan, planner):
         _hold_for_test(self.folder)
         written = super().write_data(plan, planner)  # written (and fsynced) when it returns
-        for result in written.wait():
-            name = result.storage_data.relative_path
-            self.digests.setdefault(name, file_digest(self.folder / name))
+        # One result per tensor, many tensors per file: each file is read once (setdefault would read it per tensor)
+        for name in {result.storage_data.relative_path for result in written.wait()}:
+            if name not in self.digests:
+                self.digests[name] = file_digest(self.folder / name)
         return written
 
 
