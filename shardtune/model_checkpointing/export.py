@@ -28,7 +28,8 @@ from typing import Callable, Dict, Iterable, Optional, Tuple
 import torch
 
 from shardtune.errors import SaveError
-from shardtune.model_checkpointing.streaming import MAX_SHARD_SIZE, ONE_FILE, Convert, Written, write_tensors
+from shardtune.model_checkpointing.streaming import (MAX_SHARD_SIZE, ONE_FILE, Convert, Written, read_headers,
+                                                  write_tensors)
 from shardtune.utils import distributed
 from shardtune.utils.io import atomic_directory
 from shardtune.utils.logging import log
@@ -241,14 +242,7 @@ def _write_model_files(lm, folder: Path, weights_dtype: Optional[torch.dtype]) -
 
 def saved_tensor_shapes(folder: Path) -> Dict[str, tuple]:
     """Names and shapes of every tensor in a folder's safetensors files (headers only, no data read)."""
-    from safetensors import safe_open
-
-    shapes = {}
-    for path in sorted(Path(folder).glob("*.safetensors")):
-        with safe_open(str(path), framework="pt") as fh:
-            for key in fh.keys():
-                shapes[key] = tuple(fh.get_slice(key).get_shape())
-    return shapes
+    return {name: shape for name, (_, shape, _) in read_headers(sorted(Path(folder).glob("*.safetensors"))).items()}
 
 
 def check_model_folder(folder: Path, state_dict: Dict[str, torch.Tensor], tied: set = frozenset()) -> None:

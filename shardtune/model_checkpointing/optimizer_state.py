@@ -32,7 +32,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 
 from shardtune.errors import ConfigError, SaveError
 from shardtune.model_checkpointing.export import canonical_name
-from shardtune.model_checkpointing.streaming import MAX_SHARD_SIZE, write_tensors
+from shardtune.model_checkpointing.streaming import MAX_SHARD_SIZE, read_headers, write_tensors
 from shardtune.utils import distributed
 
 TENSORS_PATTERN = "optimizer{suffix}.safetensors"  # huggingface_hub's shard names, as the model's
@@ -131,15 +131,7 @@ def _stored_shapes(folder: Path) -> Dict[str, tuple]:
 
 def _stored_tensors(folder: Path) -> Dict[str, tuple]:
     """Name -> (file, shape, dtype name) of every tensor in the optimizer's safetensors files (headers only)."""
-    from safetensors import safe_open
-
-    found = {}
-    for path in _tensor_files(folder):
-        with safe_open(str(path), framework="pt") as fh:
-            for key in fh.keys():
-                piece = fh.get_slice(key)
-                found[key] = (path.name, tuple(piece.get_shape()), piece.get_dtype())
-    return found
+    return read_headers(_tensor_files(folder))
 
 
 # ---- loading ---------------------------------------------------------------------------------

@@ -122,6 +122,19 @@ class ShardPlan:
         return cls(groups, written, split.filename_to_tensors, split.is_sharded, split.metadata, dict(due))
 
 
+def read_headers(paths: List[Path]) -> Dict[str, tuple]:
+    """Name -> (file name, shape, dtype name) of every tensor in safetensors ``paths`` (headers only, no data read)."""
+    from safetensors import safe_open
+
+    found = {}
+    for path in paths:
+        with safe_open(str(path), framework="pt") as fh:
+            for key in fh.keys():
+                piece = fh.get_slice(key)
+                found[key] = (Path(path).name, tuple(piece.get_shape()), piece.get_dtype())
+    return found
+
+
 def _write_shard(path: Path, shard: Tensors) -> int:
     """Write one safetensors file, then read it back and compare, tensor by tensor; returns its size. ``shard`` is
     emptied as it is compared, so that what was gathered is freed as soon as it is known to be on disk."""
